@@ -1,0 +1,152 @@
+//! Byte layout of the sled keys. Private to the store.
+//!
+//! Every record lives in one tree so that a multi-record change is one atomic `Batch`. A key is a
+//! kind byte followed by length-prefixed parts (u16 big-endian length, then the bytes), so a
+//! prefix of whole parts selects exactly the records below it, whatever bytes names contain.
+//! Queue keys end in the message id, big-endian, so a device's queue scans in send order.
+//!
+//! | kind | parts                          | value                      |
+//! |------|--------------------------------|----------------------------|
+//! | `d`  | site, user room, device        | `DeviceState` (JSON)       |
+//! | `u`  | site, user room                | room list (JSON)           |
+//! | `r`  | site, lowercased room, user    | empty: shared-room index   |
+//! | `q`  | site, user room, device, id    | entry `[event, ...args]`   |
+
+use super::{DeviceKey, MessageId, StoreError};
+
+pub(super) const DEVICE: u8 = b'd';
+pub(super) const USER: u8 = b'u';
+pub(super) const ROOM: u8 = b'r';
+pub(super) const QUEUE: u8 = b'q';
+
+/// Longest name part a key can hold.
+pub(super) const MAX_PART: usize = u16::MAX as usize;
+
+/// Builds a key (or a prefix) from its kind and parts.
+pub(super) fn key(kind: u8, parts: &[&str]) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 2).sum::<usize>() + 8);
+    out.push(kind);
+    for part in parts {
+        let len = u16::try_from(part.len())
+            .map_err(|_| StoreError::TooLong { what: "a site, room or device name", max: MAX_PART })?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    Ok(out)
+}
+
+pub(super) fn device(dev: &DeviceKey) -> Result<Vec<u8>, StoreError> {
+    key(DEVICE, &[&dev.site, &dev.user, &dev.device])
+}
+
+pub(super) fn user(site: &str, user: &str) -> Result<Vec<u8>, StoreError> {
+    key(USER, &[site, user])
+}
+
+pub(super) fn room(site: &str, room: &str, user: &str) -> Result<Vec<u8>, StoreError> {
+    key(ROOM, &[site, &room.to_lowercase(), user])
+}
+
+/// The prefix of every device of one user room.
+pub(super) fn devices_of(site: &str, user: &str) -> Result<Vec<u8>, StoreError> {
+    key(DEVICE, &[site, user])
+}
+
+/// The prefix of every index entry of one shared room.
+pub(super) fn room_members(site: &str, room: &str) -> Result<Vec<u8>, StoreError> {
+    key(ROOM, &[site, &room.to_lowercase()])
+}
+
+/// The prefix of one device's queue.
+pub(super) fn queue(dev: &DeviceKey) -> Result<Vec<u8>, StoreError> {
+    key(QUEUE, &[&dev.site, &dev.user, &dev.device])
+}
+
+/// One queue entry's key: the queue prefix and the id.
+pub(super) fn queued(queue_prefix: &[u8], id: MessageId) -> Vec<u8> {
+    let mut out = Vec::with_capacity(queue_prefix.len() + 8);
+    out.extend_from_slice(queue_prefix);
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+/// Splits a key into its parts (after the kind byte); `None` if it is not well formed.
+pub(super) fn parts(key: &[u8]) -> Option<Vec<&str>> {
+    let mut rest = key.get(1..)?;
+    let mut parts = Vec::with_capacity(4);
+    while !rest.is_empty() {
+        let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+        let part = rest.get(2..2 + len)?;
+        parts.push(std::str::from_utf8(part).ok()?);
+        rest = &rest[2 + len..];
+    }
+    Some(parts)
+}
+
+/// The message id at the end of a queue key.
+pub(super) fn queued_id(key: &[u8]) -> Option<MessageId> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(MessageId::from_be_bytes(tail))
+}
+
+/// Decodes a device key back into its `DeviceKey`.
+pub(super) fn parse_device(key: &[u8]) -> Option<DeviceKey> {
+    match parts(key)?.as_slice() {
+        [site, user, device] if key.first() == Some(&DEVICE) => Some(DeviceKey::new(site, user, device)),
+        _ => None,
+    }
+}
+
+/// Prints a key for error messages.
+pub(super) fn show(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_keys_round_trip_whatever_the_names_hold() {
+        for (site, user, device) in [("s", "user_1", ""), ("a\0b", "ü\u{2}", "x/y?z"), ("", "", "")] {
+            let dev = DeviceKey::new(site, user, device);
+            assert_eq!(parse_device(&device_key(&dev)), Some(dev));
+        }
+    }
+
+    fn device_key(dev: &DeviceKey) -> Vec<u8> {
+        device(dev).unwrap()
+    }
+
+    #[test]
+    fn a_user_prefix_never_matches_another_user_with_a_longer_name() {
+        let prefix = devices_of("s", "user_1").unwrap();
+        let other = device(&DeviceKey::new("s", "user_12", "d")).unwrap();
+        let own = device(&DeviceKey::new("s", "user_1", "d")).unwrap();
+        assert!(!other.starts_with(&prefix));
+        assert!(own.starts_with(&prefix));
+    }
+
+    #[test]
+    fn queue_keys_sort_by_id() {
+        let prefix = queue(&DeviceKey::new("s", "u", "d")).unwrap();
+        let ids = [0u64, 1, 255, 256, 65_536, u64::MAX];
+        let keys: Vec<_> = ids.iter().map(|id| queued(&prefix, *id)).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert_eq!(keys.iter().map(|k| queued_id(k).unwrap()).collect::<Vec<_>>(), ids);
+    }
+
+    #[test]
+    fn shared_rooms_are_indexed_lowercase() {
+        assert_eq!(room("s", "Staff", "user_1").unwrap(), room("s", "staff", "user_1").unwrap());
+        assert!(room("s", "STAFF", "u").unwrap().starts_with(&room_members("s", "staff").unwrap()));
+    }
+
+    #[test]
+    fn overlong_names_are_refused() {
+        let long = "x".repeat(MAX_PART + 1);
+        assert!(matches!(user("s", &long), Err(StoreError::TooLong { .. })));
+    }
+}

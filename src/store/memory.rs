@@ -1,0 +1,229 @@
+//! `MemoryStore`: the in-memory twin of the sled store.
+//!
+//! Same semantics as `SledStore` (both pass `store::tests`), nothing on disk. It backs unit tests
+//! and `serve --ephemeral`. All state sits behind one std `Mutex`: every method locks, does a few
+//! map operations and unlocks, never across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::{
+    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
+    QueueLimits, Queued, Store, StoreError,
+};
+
+/// Keeps everything in process memory. Cloning shares the same state.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    devices: BTreeMap<DeviceKey, DeviceState>,
+    /// (site, user room) -> that user's latest room list.
+    users: BTreeMap<(String, String), Vec<String>>,
+    queues: HashMap<DeviceKey, BTreeMap<MessageId, Arc<str>>>,
+    next_id: MessageId,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change visible to callers
+        // that matters more than serving on, so recover the guard.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn forget(&mut self, dev: &DeviceKey) {
+        self.devices.remove(dev);
+        self.queues.remove(dev);
+        let user = (dev.site.clone(), dev.user.clone());
+        let has_devices = self
+            .devices
+            .range(DeviceKey::new(&dev.site, &dev.user, "")..)
+            .next()
+            .is_some_and(|(k, _)| k.site == dev.site && k.user == dev.user);
+        if !has_devices {
+            self.users.remove(&user);
+        }
+    }
+
+    fn devices_of(&self, site: &str, user: &str) -> Vec<DeviceKey> {
+        self.devices
+            .range(DeviceKey::new(site, user, "")..)
+            .take_while(|(k, _)| k.site == site && k.user == user)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn remove(&mut self, dev: &DeviceKey, ids: impl IntoIterator<Item = MessageId>) -> u64 {
+        let (Some(queue), Some(state)) = (self.queues.get_mut(dev), self.devices.get_mut(dev)) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for id in ids {
+            if let Some(entry) = queue.remove(&id) {
+                state.queue_len -= 1;
+                state.queue_bytes -= entry.len() as u64;
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
+        let mut state = self.lock();
+        state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
+        let dev = state.devices.entry(device.clone()).or_default();
+        dev.connected = true;
+        let overflowed = std::mem::take(&mut dev.overflowed);
+        let pending = state
+            .queues
+            .get(device)
+            .map(|q| q.iter().map(|(id, entry)| Queued { id: *id, entry: entry.clone() }).collect())
+            .unwrap_or_default();
+        Ok(Connected { pending, overflowed })
+    }
+
+    async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
+        if let Some(dev) = self.lock().devices.get_mut(device) {
+            dev.connected = false;
+            dev.disconnected_at = now;
+        }
+        Ok(())
+    }
+
+    async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for dev in self.lock().devices.values_mut().filter(|d| d.connected) {
+            dev.connected = false;
+            dev.disconnected_at = now;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
+        let room = room.to_lowercase();
+        Ok(self
+            .lock()
+            .users
+            .iter()
+            .filter(|((s, _), rooms)| s == site && rooms.iter().any(|r| r.to_lowercase() == room))
+            .map(|((_, user), _)| user.clone())
+            .collect())
+    }
+
+    async fn enqueue(
+        &self,
+        site: &str,
+        users: &[String],
+        entry: Arc<str>,
+        expiry: Expiry,
+        limits: QueueLimits,
+    ) -> Result<Enqueued, StoreError> {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let mut out = Enqueued { id, ..Enqueued::default() };
+        for user in users {
+            for dev in state.devices_of(site, user) {
+                if expiry.is_expired(&state.devices[&dev]) {
+                    state.forget(&dev);
+                    out.expired.push(dev);
+                    continue;
+                }
+                let State { queues, devices, .. } = &mut *state;
+                let queue = queues.entry(dev.clone()).or_default();
+                queue.insert(id, entry.clone());
+                let d = devices.get_mut(&dev).expect("listed above");
+                d.queue_len += 1;
+                d.queue_bytes += entry.len() as u64;
+                let mut dropped = 0;
+                while d.queue_len > 1 && (d.queue_len > limits.max_len || d.queue_bytes > limits.max_bytes) {
+                    let (_, oldest) = queue.pop_first().expect("queue_len counts its entries");
+                    d.queue_len -= 1;
+                    d.queue_bytes -= oldest.len() as u64;
+                    dropped += 1;
+                }
+                if dropped > 0 {
+                    d.overflowed = true;
+                    out.overflowed.push((dev.clone(), dropped));
+                }
+                out.devices.push(dev);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
+        Ok(self
+            .lock()
+            .queues
+            .get(device)
+            .map(|q| q.iter().map(|(id, entry)| Queued { id: *id, entry: entry.clone() }).collect())
+            .unwrap_or_default())
+    }
+
+    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
+        self.lock().remove(device, ids.iter().copied());
+        Ok(())
+    }
+
+    async fn ack_checked(
+        &self,
+        device: &DeviceKey,
+        id: MessageId,
+        event: &str,
+    ) -> Result<CheckedAck, StoreError> {
+        let mut state = self.lock();
+        let Some(queue) = state.queues.get(device) else {
+            return Ok(CheckedAck::Removed);
+        };
+        if !queue.contains_key(&id) {
+            return Ok(CheckedAck::Removed);
+        }
+        let same_event: Vec<MessageId> = queue
+            .iter()
+            .filter(|(_, entry)| entry_event(entry).as_deref() == Some(event))
+            .map(|(id, _)| *id)
+            .collect();
+        if same_event.first() == Some(&id) {
+            state.remove(device, [id]);
+            Ok(CheckedAck::Removed)
+        } else {
+            let cleared = state.remove(device, same_event);
+            Ok(CheckedAck::Resync { cleared })
+        }
+    }
+
+    async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
+        let mut state = self.lock();
+        let expired: Vec<DeviceKey> =
+            state.devices.iter().filter(|(_, d)| expiry.is_expired(d)).map(|(k, _)| k.clone()).collect();
+        for dev in &expired {
+            state.forget(dev);
+        }
+        Ok(expired)
+    }
+
+    async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
+        Ok(self.lock().devices.get(device).cloned())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

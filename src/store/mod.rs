@@ -1,0 +1,232 @@
+//! Durable state behind one small, domain-shaped trait.
+//!
+//! The store keeps, per site: every user room's latest room list (for shared-room expansion),
+//! every device's connection state (connected, or disconnected since when) and every device's
+//! queue of unacknowledged messages in send order. Nothing above this module names sled: the
+//! delivery code holds an `Arc<dyn Store>`, so another backend (Redis, say) only has to pass the
+//! same conformance suite (`store::tests`).
+//!
+//! Each method is one atomic unit of work. Methods that accept data from `POST /send` or change
+//! the registry return only once the change is durable; acknowledgements may be lazier, since a
+//! lost removal only means a duplicate delivery.
+
+mod keys;
+pub mod memory;
+pub mod sled;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use self::memory::MemoryStore;
+pub use self::sled::SledStore;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+/// Identifies one queued message. Ids grow with send order, across restarts.
+pub type MessageId = u64;
+
+/// One device of one user room of one site: the unit that owns a queue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey {
+    /// The site (socket.io namespace without its leading `/`).
+    pub site: String,
+    /// The user room (or public channel) the device is registered under.
+    pub user: String,
+    /// The client's `deviceId`; `""` when the client gave none.
+    pub device: String,
+}
+
+impl DeviceKey {
+    /// Builds a key from its three parts.
+    pub fn new(site: &str, user: &str, device: &str) -> Self {
+        Self { site: site.to_owned(), user: user.to_owned(), device: device.to_owned() }
+    }
+}
+
+/// One message waiting in a device's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    /// The message's id, shared by every device the message was queued for.
+    pub id: MessageId,
+    /// The message as the JSON array `[event, ...args]`, the shape `_batch` entries take.
+    pub entry: Arc<str>,
+}
+
+/// When a disconnected device is forgotten.
+#[derive(Clone, Copy, Debug)]
+pub struct Expiry {
+    /// The current time.
+    pub now: Millis,
+    /// How long a device may stay disconnected; `0` means forever.
+    pub ttl_ms: u64,
+}
+
+impl Expiry {
+    fn is_expired(&self, device: &DeviceState) -> bool {
+        self.ttl_ms != 0
+            && !device.connected
+            && self.now.saturating_sub(device.disconnected_at) > self.ttl_ms
+    }
+}
+
+/// Per-device caps on a queue. When a new message does not fit, the oldest messages are dropped
+/// and the device is flagged so it gets `_resync` on its next connect.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    /// Most messages one device may have queued.
+    pub max_len: u64,
+    /// Most bytes (of `[event, ...args]` JSON) one device may have queued.
+    pub max_bytes: u64,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self { max_len: 10_000, max_bytes: 16 * 1024 * 1024 }
+    }
+}
+
+/// What the store keeps about one device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// A socket of this device is connected.
+    pub connected: bool,
+    /// When the device last disconnected (0 while it never did).
+    pub disconnected_at: Millis,
+    /// Messages in its queue.
+    pub queue_len: u64,
+    /// Bytes of the entries in its queue.
+    pub queue_bytes: u64,
+    /// Messages were dropped from the queue to respect its caps since the last connect.
+    pub overflowed: bool,
+}
+
+/// The result of queueing one message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The message's id.
+    pub id: MessageId,
+    /// Devices the message was queued for.
+    pub devices: Vec<DeviceKey>,
+    /// Devices found expired on the way, forgotten together with their queues.
+    pub expired: Vec<DeviceKey>,
+    /// Devices whose oldest messages were dropped to make room, with how many.
+    pub overflowed: Vec<(DeviceKey, u64)>,
+}
+
+/// What a device learns when it connects.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Connected {
+    /// Its queue, oldest first.
+    pub pending: Vec<Queued>,
+    /// Messages were dropped from its queue since its last connect: it should resync.
+    pub overflowed: bool,
+}
+
+/// The outcome of an acknowledgement checked for order (`resync=true`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum CheckedAck {
+    /// The message was the oldest of its event (or already gone) and is removed.
+    Removed,
+    /// An older message of the same event was still queued: every message of that event was
+    /// removed and the client must resync.
+    Resync {
+        /// How many messages were removed.
+        cleared: u64,
+    },
+}
+
+/// Everything that can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed to read or write (disk full, I/O error).
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// Stored bytes could not be decoded.
+    #[error("corrupt record under key {key}")]
+    Corrupt {
+        /// The key, printed escaped.
+        key: String,
+    },
+    /// A name is longer than the store can encode.
+    #[error("{what} is longer than {max} bytes")]
+    TooLong {
+        /// Which name.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// The store's writer has stopped (shutdown or a crash of its thread).
+    #[error("the store is closed")]
+    Closed,
+    /// The data directory was written by an incompatible version.
+    #[error("data dir has schema version {found}, this build reads {expected}")]
+    Schema {
+        /// The version on disk.
+        found: u32,
+        /// The version this build writes.
+        expected: u32,
+    },
+}
+
+/// The durable state of sio-push. See the module docs for the guarantees.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Registers `device` as connected under its user room, replaces the user's room list with
+    /// `rooms`, and returns the device's queue. Clears the device's overflow flag.
+    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError>;
+
+    /// Marks `device` as disconnected since `now`. Unknown devices are ignored.
+    async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError>;
+
+    /// Marks every device connected at startup (left so by a crash) as disconnected since `now`.
+    async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError>;
+
+    /// The user rooms of `site` whose room list holds `room`, compared case-insensitively.
+    async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Appends `entry` to the queue of every live device of every user in `users`, forgetting
+    /// expired devices on the way. Returns once durable.
+    async fn enqueue(
+        &self,
+        site: &str,
+        users: &[String],
+        entry: Arc<str>,
+        expiry: Expiry,
+        limits: QueueLimits,
+    ) -> Result<Enqueued, StoreError>;
+
+    /// The device's queue, oldest first.
+    async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError>;
+
+    /// Removes exactly `ids` from the device's queue; ids not queued are ignored.
+    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError>;
+
+    /// Removes `id` if it is the oldest queued message of `event`, otherwise clears every queued
+    /// message of `event` (see [`CheckedAck`]).
+    async fn ack_checked(
+        &self,
+        device: &DeviceKey,
+        id: MessageId,
+        event: &str,
+    ) -> Result<CheckedAck, StoreError>;
+
+    /// Forgets every expired device with its queue, and returns them.
+    async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError>;
+
+    /// What is known about one device, if anything.
+    async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError>;
+
+    /// Makes everything written so far durable.
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The event name of a queued `[event, ...args]` entry.
+pub(crate) fn entry_event(entry: &str) -> Option<String> {
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(entry).ok()?;
+    serde_json::from_str(items.first()?.get()).ok()
+}
+
+#[cfg(test)]
+mod tests;

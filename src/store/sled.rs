@@ -1,0 +1,458 @@
+//! `SledStore`: the embedded, durable store.
+//!
+//! sled 0.34 blocks on disk I/O, and concurrent `flush_async` calls deadlock (sled#1308). So one
+//! writer thread owns every change: it takes all jobs queued since its last round, applies each
+//! as one atomic `Batch` (only this thread writes, so a job's reads see every earlier job), calls
+//! the blocking `flush()` once for the whole round, and only then answers the jobs that asked for
+//! durability. That is group commit: concurrent `/send` requests share one fsync. Reads run on
+//! tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sled::{Batch, Tree};
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys;
+use super::{
+    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
+    QueueLimits, Queued, Store, StoreError,
+};
+
+/// The layout version this build reads and writes.
+const SCHEMA_VERSION: u32 = 1;
+/// Most jobs one writer round takes before it flushes.
+const MAX_ROUND: usize = 4096;
+/// Jobs that may wait for the writer before senders wait too.
+const QUEUE_DEPTH: usize = 16_384;
+
+/// The sled-backed store. Cloning shares the database and its writer.
+#[derive(Clone)]
+pub struct SledStore {
+    tree: Tree,
+    jobs: mpsc::Sender<Job>,
+    /// Closes (errors on `changed`) once the writer thread has flushed and released the database.
+    stopped: tokio::sync::watch::Receiver<()>,
+}
+
+/// Work for the writer thread. `run` applies the change and returns how to answer the caller
+/// once the round's flush result is known.
+struct Job {
+    durable: bool,
+    run: Box<dyn FnOnce(&Writer) -> Reply + Send>,
+}
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// What the writer thread owns.
+struct Writer {
+    db: sled::Db,
+    tree: Tree,
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+impl SledStore {
+    /// Opens (or creates) the database under `dir`, with a page cache of at most `cache_bytes`.
+    /// Spawns the writer thread, which ends when the last clone of the store is dropped.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get("schema").map_err(io)? {
+            None => {
+                meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+            Some(v) => {
+                let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
+                }
+            }
+        }
+        let tree = db.open_tree("state").map_err(io)?;
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (stopping, stopped) = tokio::sync::watch::channel(());
+        let writer = Writer { db, tree: tree.clone() };
+        std::thread::Builder::new()
+            .name("sio-push-store".into())
+            .spawn(move || {
+                writer.run(rx);
+                drop(stopping);
+            })
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(Self { tree, jobs, stopped })
+    }
+
+    /// Drops this handle and waits until the writer has flushed and released the database, which
+    /// happens once every other clone of the store is gone too.
+    pub async fn close(self) {
+        let mut stopped = self.stopped.clone();
+        drop(self);
+        while stopped.changed().await.is_ok() {}
+    }
+
+    /// Runs `f` on the writer thread; answers after the round's fsync when `durable`.
+    async fn write<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Writer) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let run = Box::new(move |w: &Writer| -> Reply {
+            let result = f(w);
+            Box::new(move |flushed: Result<(), String>| {
+                let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
+            })
+        });
+        self.jobs.send(Job { durable, run }).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read on tokio's blocking pool, keeping the caller's span.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
+    {
+        let tree = self.tree.clone();
+        crate::telemetry::spawn_blocking_with_tracing(move || f(&tree))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut round = Vec::with_capacity(64);
+        while let Some(first) = rx.blocking_recv() {
+            round.push(first);
+            while round.len() < MAX_ROUND {
+                match rx.try_recv() {
+                    Ok(job) => round.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut waiting = Vec::with_capacity(round.len());
+            for job in round.drain(..) {
+                let reply = (job.run)(&self);
+                if job.durable {
+                    waiting.push(reply);
+                } else {
+                    reply(Ok(()));
+                }
+            }
+            if !waiting.is_empty() {
+                let flushed = self.db.flush().map(drop).map_err(|e| e.to_string());
+                if let Err(e) = &flushed {
+                    tracing::error!(error.message = %e, "store flush failed");
+                }
+                for reply in waiting {
+                    reply(flushed.clone());
+                }
+            }
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error.message = %e, "final store flush failed");
+        }
+        // `self` (the database) is dropped here, before the caller signals `stopped`.
+    }
+
+    fn device_state(&self, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
+        read_device(&self.tree, key)
+    }
+
+    /// Adds to `batch` the removal of a device and its queue.
+    fn forget_device(&self, dev: &DeviceKey, batch: &mut Batch) -> Result<(), StoreError> {
+        batch.remove(keys::device(dev)?);
+        for item in self.tree.scan_prefix(keys::queue(dev)?) {
+            batch.remove(item.map_err(io)?.0);
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` the removal of a user's room list and index entries.
+    fn forget_user(&self, site: &str, user: &str, batch: &mut Batch) -> Result<(), StoreError> {
+        let ukey = keys::user(site, user)?;
+        for room in read_rooms(&self.tree, &ukey)? {
+            batch.remove(keys::room(site, &room, user)?);
+        }
+        batch.remove(ukey);
+        Ok(())
+    }
+
+    /// Removes the given queue entries of one device in one batch, keeping its counters true.
+    fn remove_entries(&self, dev: &DeviceKey, ids: &[MessageId]) -> Result<u64, StoreError> {
+        let dkey = keys::device(dev)?;
+        let Some(mut state) = self.device_state(&dkey)? else { return Ok(0) };
+        let prefix = keys::queue(dev)?;
+        let mut batch = Batch::default();
+        let mut removed = 0;
+        for id in ids {
+            let key = keys::queued(&prefix, *id);
+            if let Some(entry) = self.tree.get(&key).map_err(io)? {
+                batch.remove(key);
+                state.queue_len -= 1;
+                state.queue_bytes -= entry.len() as u64;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            batch.insert(dkey, encode(&state));
+            self.tree.apply_batch(batch).map_err(io)?;
+        }
+        Ok(removed)
+    }
+}
+
+fn encode(state: &DeviceState) -> Vec<u8> {
+    serde_json::to_vec(state).expect("DeviceState serializes")
+}
+
+fn read_device(tree: &Tree, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
+    match tree.get(key).map_err(io)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
+    }
+}
+
+fn read_rooms(tree: &Tree, key: &[u8]) -> Result<Vec<String>, StoreError> {
+    match tree.get(key).map_err(io)? {
+        None => Ok(Vec::new()),
+        Some(v) => serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
+    }
+}
+
+fn read_queue(tree: &Tree, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
+    let prefix = keys::queue(dev)?;
+    tree.scan_prefix(&prefix)
+        .map(|item| {
+            let (k, v) = item.map_err(io)?;
+            let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+            let id = keys::queued_id(&k).ok_or_else(corrupt)?;
+            let entry = std::str::from_utf8(&v).map_err(|_| corrupt())?;
+            Ok(Queued { id, entry: Arc::from(entry) })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
+        let (device, rooms) = (device.clone(), rooms.to_vec());
+        self.write(true, move |w| {
+            let ukey = keys::user(&device.site, &device.user)?;
+            let dkey = keys::device(&device)?;
+            let old_rooms = read_rooms(&w.tree, &ukey)?;
+            let mut state = w.device_state(&dkey)?.unwrap_or_default();
+            let overflowed = std::mem::take(&mut state.overflowed);
+            state.connected = true;
+
+            let mut batch = Batch::default();
+            for room in &old_rooms {
+                batch.remove(keys::room(&device.site, room, &device.user)?);
+            }
+            for room in &rooms {
+                batch.insert(keys::room(&device.site, room, &device.user)?, &[]);
+            }
+            batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
+            batch.insert(dkey, encode(&state));
+            w.tree.apply_batch(batch).map_err(io)?;
+            Ok(Connected { pending: read_queue(&w.tree, &device)?, overflowed })
+        })
+        .await
+    }
+
+    async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
+        let dkey = keys::device(device)?;
+        self.write(true, move |w| {
+            if let Some(mut state) = w.device_state(&dkey)? {
+                state.connected = false;
+                state.disconnected_at = now;
+                w.tree.insert(dkey, encode(&state)).map_err(io)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
+        self.write(true, move |w| {
+            let mut batch = Batch::default();
+            let mut count = 0;
+            for item in w.tree.scan_prefix([keys::DEVICE]) {
+                let (k, v) = item.map_err(io)?;
+                let mut state: DeviceState =
+                    serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
+                if state.connected {
+                    state.connected = false;
+                    state.disconnected_at = now;
+                    batch.insert(k, encode(&state));
+                    count += 1;
+                }
+            }
+            w.tree.apply_batch(batch).map_err(io)?;
+            Ok(count)
+        })
+        .await
+    }
+
+    async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::room_members(site, room)?;
+        self.read(move |tree| {
+            tree.scan_prefix(&prefix)
+                .keys()
+                .map(|k| {
+                    let k = k.map_err(io)?;
+                    keys::parts(&k)
+                        .and_then(|p| p.get(2).map(|u| u.to_string()))
+                        .ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn enqueue(
+        &self,
+        site: &str,
+        users: &[String],
+        entry: Arc<str>,
+        expiry: Expiry,
+        limits: QueueLimits,
+    ) -> Result<Enqueued, StoreError> {
+        let (site, users) = (site.to_owned(), users.to_vec());
+        self.write(true, move |w| {
+            let id = w.db.generate_id().map_err(io)?;
+            let mut out = Enqueued { id, ..Enqueued::default() };
+            let mut batch = Batch::default();
+            for user in &users {
+                let (mut live, mut gone) = (0, 0);
+                for item in w.tree.scan_prefix(keys::devices_of(&site, user)?) {
+                    let (k, v) = item.map_err(io)?;
+                    let dev = keys::parse_device(&k).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
+                    let mut state: DeviceState =
+                        serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
+                    if expiry.is_expired(&state) {
+                        w.forget_device(&dev, &mut batch)?;
+                        out.expired.push(dev);
+                        gone += 1;
+                        continue;
+                    }
+                    live += 1;
+                    let prefix = keys::queue(&dev)?;
+                    batch.insert(keys::queued(&prefix, id), entry.as_bytes());
+                    state.queue_len += 1;
+                    state.queue_bytes += entry.len() as u64;
+                    let mut dropped = 0;
+                    if state.queue_len > limits.max_len || state.queue_bytes > limits.max_bytes {
+                        for old in w.tree.scan_prefix(&prefix) {
+                            if state.queue_len <= 1
+                                || (state.queue_len <= limits.max_len && state.queue_bytes <= limits.max_bytes)
+                            {
+                                break;
+                            }
+                            let (old_key, old_entry) = old.map_err(io)?;
+                            batch.remove(old_key);
+                            state.queue_len -= 1;
+                            state.queue_bytes -= old_entry.len() as u64;
+                            dropped += 1;
+                        }
+                    }
+                    if dropped > 0 {
+                        state.overflowed = true;
+                        out.overflowed.push((dev.clone(), dropped));
+                    }
+                    batch.insert(k, encode(&state));
+                    out.devices.push(dev);
+                }
+                if live == 0 && gone > 0 {
+                    w.forget_user(&site, user, &mut batch)?;
+                }
+            }
+            w.tree.apply_batch(batch).map_err(io)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
+        let device = device.clone();
+        self.read(move |tree| read_queue(tree, &device)).await
+    }
+
+    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
+        let (device, ids) = (device.clone(), ids.to_vec());
+        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop)).await
+    }
+
+    async fn ack_checked(
+        &self,
+        device: &DeviceKey,
+        id: MessageId,
+        event: &str,
+    ) -> Result<CheckedAck, StoreError> {
+        let (device, event) = (device.clone(), event.to_owned());
+        self.write(false, move |w| {
+            let queue = read_queue(&w.tree, &device)?;
+            if !queue.iter().any(|q| q.id == id) {
+                return Ok(CheckedAck::Removed);
+            }
+            let same_event: Vec<MessageId> = queue
+                .iter()
+                .filter(|q| entry_event(&q.entry).as_deref() == Some(event.as_str()))
+                .map(|q| q.id)
+                .collect();
+            if same_event.first() == Some(&id) {
+                w.remove_entries(&device, &[id])?;
+                Ok(CheckedAck::Removed)
+            } else {
+                let cleared = w.remove_entries(&device, &same_event)?;
+                Ok(CheckedAck::Resync { cleared })
+            }
+        })
+        .await
+    }
+
+    async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
+        self.write(true, move |w| {
+            let mut expired = Vec::new();
+            for item in w.tree.scan_prefix([keys::DEVICE]) {
+                let (k, v) = item.map_err(io)?;
+                let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                if expiry.is_expired(&state) {
+                    expired.push(keys::parse_device(&k).ok_or_else(corrupt)?);
+                }
+            }
+            // One batch per device, so the check for a user's last device sees earlier removals.
+            for dev in &expired {
+                let mut batch = Batch::default();
+                w.forget_device(dev, &mut batch)?;
+                w.tree.apply_batch(batch).map_err(io)?;
+                let mut left = w.tree.scan_prefix(keys::devices_of(&dev.site, &dev.user)?).keys();
+                if left.next().is_none() {
+                    let mut batch = Batch::default();
+                    w.forget_user(&dev.site, &dev.user, &mut batch)?;
+                    w.tree.apply_batch(batch).map_err(io)?;
+                }
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
+        let key = keys::device(device)?;
+        self.read(move |tree| read_device(tree, &key)).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.write(true, |_| Ok(())).await
+    }
+}

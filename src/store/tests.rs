@@ -1,0 +1,239 @@
+//! The conformance suite: every case runs against `MemoryStore` and `SledStore` alike.
+
+use std::sync::Arc;
+
+use super::*;
+
+const HOUR: u64 = 3_600_000;
+
+fn dev(user: &str, device: &str) -> DeviceKey {
+    DeviceKey::new("site", user, device)
+}
+
+fn rooms(list: &[&str]) -> Vec<String> {
+    list.iter().map(|r| r.to_string()).collect()
+}
+
+fn users(list: &[&str]) -> Vec<String> {
+    rooms(list)
+}
+
+fn entry(text: &str) -> Arc<str> {
+    Arc::from(text)
+}
+
+fn at(now: Millis) -> Expiry {
+    Expiry { now, ttl_ms: HOUR }
+}
+
+async fn send(store: &impl Store, to: &[&str], text: &str, now: Millis) -> Enqueued {
+    store.enqueue("site", &users(to), entry(text), at(now), QueueLimits::default()).await.unwrap()
+}
+
+async fn entries(store: &impl Store, device: &DeviceKey) -> Vec<String> {
+    store.pending(device).await.unwrap().iter().map(|q| q.entry.to_string()).collect()
+}
+
+async fn users_never_connected_get_nothing_stored(store: impl Store) {
+    let out = send(&store, &["user_1"], r#"["e",1]"#, 0).await;
+    assert!(out.devices.is_empty());
+    assert_eq!(store.device(&dev("user_1", "")).await.unwrap(), None);
+}
+
+async fn queues_keep_send_order_across_events_and_devices(store: impl Store) {
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1"])).await.unwrap();
+    store.connect(&dev("user_1", "b"), &rooms(&["user_1"])).await.unwrap();
+    let first = send(&store, &["user_1"], r#"["x",1]"#, 0).await;
+    let second = send(&store, &["user_1"], r#"["y",2]"#, 0).await;
+    send(&store, &["user_1"], r#"["x",3]"#, 0).await;
+    assert!(second.id > first.id);
+    assert_eq!(first.devices, vec![dev("user_1", "a"), dev("user_1", "b")]);
+    for device in ["a", "b"] {
+        assert_eq!(entries(&store, &dev("user_1", device)).await, [r#"["x",1]"#, r#"["y",2]"#, r#"["x",3]"#]);
+    }
+    let state = store.device(&dev("user_1", "a")).await.unwrap().unwrap();
+    assert_eq!((state.queue_len, state.queue_bytes), (3, 21));
+}
+
+async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let batch: Vec<_> = [send(&store, &["user_1"], "[\"e\",1]", 0).await.id, send(&store, &["user_1"], "[\"e\",2]", 0).await.id].into();
+    // Arrives while the batch is in flight: the batch ack must not remove it.
+    send(&store, &["user_1"], "[\"e\",3]", 0).await;
+    store.ack(&d, &batch).await.unwrap();
+    store.ack(&d, &batch).await.unwrap(); // a repeated ack is harmless
+    assert_eq!(entries(&store, &d).await, ["[\"e\",3]"]);
+    let state = store.device(&d).await.unwrap().unwrap();
+    assert_eq!((state.queue_len, state.queue_bytes), (1, 7));
+}
+
+async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let a1 = send(&store, &["user_1"], r#"["a",1]"#, 0).await.id;
+    let b1 = send(&store, &["user_1"], r#"["b",1]"#, 0).await.id;
+    let a2 = send(&store, &["user_1"], r#"["a",2]"#, 0).await.id;
+    let a3 = send(&store, &["user_1"], r#"["a",3]"#, 0).await.id;
+    assert_eq!(store.ack_checked(&d, a1, "a").await.unwrap(), CheckedAck::Removed);
+    assert_eq!(store.ack_checked(&d, a3, "a").await.unwrap(), CheckedAck::Resync { cleared: 2 });
+    assert_eq!(entries(&store, &d).await, [r#"["b",1]"#]);
+    // An ack for a message no longer queued changes nothing.
+    assert_eq!(store.ack_checked(&d, a2, "a").await.unwrap(), CheckedAck::Removed);
+    assert_eq!(store.ack_checked(&d, b1, "b").await.unwrap(), CheckedAck::Removed);
+    assert!(entries(&store, &d).await.is_empty());
+}
+
+async fn devices_expire_from_their_latest_disconnect(store: impl Store) {
+    let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
+    store.connect(&a, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.disconnect(&a, 0).await.unwrap();
+    store.disconnect(&b, 0).await.unwrap();
+    // b reconnects and disconnects later: its clock restarts.
+    store.connect(&b, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.disconnect(&b, HOUR).await.unwrap();
+    let out = send(&store, &["user_1"], "[\"e\"]", HOUR + 1).await;
+    assert_eq!(out.expired, vec![a.clone()]);
+    assert_eq!(out.devices, vec![b.clone()]);
+    assert_eq!(store.device(&a).await.unwrap(), None);
+    assert!(store.pending(&a).await.unwrap().is_empty());
+    assert_eq!(store.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
+}
+
+async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store) {
+    let (a, b) = (dev("user_1", "a"), dev("user_2", "b"));
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_2"])).await.unwrap();
+    store.disconnect(&b, 0).await.unwrap();
+    let forever = Expiry { now: 100 * HOUR, ttl_ms: 0 };
+    let out = store.enqueue("site", &users(&["user_1", "user_2"]), entry("[1]"), forever, QueueLimits::default()).await.unwrap();
+    assert_eq!(out.devices, vec![a.clone(), b.clone()]);
+    assert!(store.sweep(forever).await.unwrap().is_empty());
+    assert_eq!(store.sweep(at(100 * HOUR)).await.unwrap(), vec![b]);
+    assert!(store.device(&a).await.unwrap().unwrap().connected);
+}
+
+async fn sweeping_the_last_device_forgets_the_user(store: impl Store) {
+    let a = dev("user_1", "a");
+    store.connect(&a, &rooms(&["user_1", "Staff"])).await.unwrap();
+    send(&store, &["user_1"], "[1]", 0).await;
+    store.disconnect(&a, 0).await.unwrap();
+    assert_eq!(store.sweep(at(HOUR)).await.unwrap(), Vec::<DeviceKey>::new());
+    assert_eq!(store.sweep(at(HOUR + 1)).await.unwrap(), vec![a.clone()]);
+    assert!(store.users_in_room("site", "staff").await.unwrap().is_empty());
+    assert!(store.pending(&a).await.unwrap().is_empty());
+    // Forgotten users get nothing stored.
+    assert!(send(&store, &["user_1"], "[2]", HOUR + 2).await.devices.is_empty());
+}
+
+async fn shared_rooms_match_case_insensitively_and_follow_the_latest_list(store: impl Store) {
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1", "Staff"])).await.unwrap();
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2", "staff", "reviewer"])).await.unwrap();
+    store.connect(&dev("other", "a"), &rooms(&["user_1", "staff"])).await.unwrap();
+    let mut staff = store.users_in_room("site", "STAFF").await.unwrap();
+    staff.sort();
+    assert_eq!(staff, ["other", "user_1", "user_2"]);
+    // The latest connection's list replaces the earlier one.
+    store.connect(&dev("user_2", "b"), &rooms(&["user_2"])).await.unwrap();
+    assert!(store.users_in_room("site", "reviewer").await.unwrap().is_empty());
+    assert!(store.users_in_room("other-site", "staff").await.unwrap().is_empty());
+}
+
+async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let limits = QueueLimits { max_len: 2, max_bytes: 1_000 };
+    for i in 1..=4 {
+        let out = store.enqueue("site", &users(&["user_1"]), entry(&format!("[{i}]")), at(0), limits).await.unwrap();
+        assert_eq!(out.overflowed, if i > 2 { vec![(d.clone(), 1)] } else { vec![] });
+    }
+    assert_eq!(entries(&store, &d).await, ["[3]", "[4]"]);
+    let by_bytes = QueueLimits { max_len: 100, max_bytes: 7 };
+    store.enqueue("site", &users(&["user_1"]), entry("[5]"), at(0), by_bytes).await.unwrap();
+    assert_eq!(entries(&store, &d).await, ["[4]", "[5]"]);
+    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    assert!(connected.overflowed);
+    assert_eq!(connected.pending.len(), 2);
+    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().overflowed);
+}
+
+async fn disconnect_all_starts_every_connected_clock(store: impl Store) {
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1"])).await.unwrap();
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2"])).await.unwrap();
+    store.disconnect(&dev("user_2", "a"), 5).await.unwrap();
+    assert_eq!(store.disconnect_all(10).await.unwrap(), 1);
+    let state = store.device(&dev("user_1", "a")).await.unwrap().unwrap();
+    assert!(!state.connected);
+    assert_eq!(state.disconnected_at, 10);
+    assert_eq!(store.device(&dev("user_2", "a")).await.unwrap().unwrap().disconnected_at, 5);
+}
+
+async fn unknown_devices_are_ignored(store: impl Store) {
+    let d = dev("user_9", "x");
+    store.disconnect(&d, 1).await.unwrap();
+    store.ack(&d, &[1, 2]).await.unwrap();
+    assert_eq!(store.ack_checked(&d, 1, "e").await.unwrap(), CheckedAck::Removed);
+    assert_eq!(store.device(&d).await.unwrap(), None);
+    store.flush().await.unwrap();
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::MemoryStore::new()).await;
+            })*
+        }
+        mod sled {
+            $(#[tokio::test]
+            async fn $case() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$case(super::SledStore::open(dir.path(), 1 << 20).unwrap()).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    users_never_connected_get_nothing_stored,
+    queues_keep_send_order_across_events_and_devices,
+    ack_removes_exactly_the_acked_messages,
+    checked_ack_resyncs_when_an_older_message_of_the_event_waits,
+    devices_expire_from_their_latest_disconnect,
+    connected_devices_never_expire_and_ttl_zero_keeps_all,
+    sweeping_the_last_device_forgets_the_user,
+    shared_rooms_match_case_insensitively_and_follow_the_latest_list,
+    full_queues_drop_their_oldest_and_flag_the_device,
+    disconnect_all_starts_every_connected_clock,
+    unknown_devices_are_ignored,
+);
+
+#[tokio::test]
+async fn sled_keeps_queues_and_registry_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dev("user_1", "a");
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    store.connect(&d, &rooms(&["user_1", "staff"])).await.unwrap();
+    let first_id = send(&store, &["user_1"], "[\"e\",1]", 0).await.id;
+    store.close().await;
+
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(entries(&store, &d).await, ["[\"e\",1]"]);
+    assert_eq!(store.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
+    assert!(store.device(&d).await.unwrap().unwrap().connected);
+    assert!(send(&store, &["user_1"], "[\"e\",2]", 0).await.id > first_id);
+}
+
+#[tokio::test]
+async fn sled_refuses_a_data_dir_of_another_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = ::sled::open(dir.path()).unwrap();
+        db.open_tree("meta").unwrap().insert("schema", &99u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(dir.path(), 1 << 20).err().expect("must refuse");
+    assert!(matches!(err, StoreError::Schema { found: 99, expected: 1 }), "{err}");
+}
