@@ -1,5 +1,37 @@
 //! sio-push: a socket.io push service with durable per-device inboxes.
+//!
+//! Crate map:
+//! - `cli`: the command line.
+//! - `config`: defaults, TOML file and environment merged into a validated `Config`.
+//! - `telemetry`: log setup and the span-keeping `spawn_blocking` helper.
+//! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).
+//! - `shutdown`: signals to a cancellation token.
+//! - `error`: `ApiError` and its one HTTP mapping.
+//! - `http`: `POST /send`, `GET /healthcheck`, the demo, the router.
+//! - `realtime`: socket.io namespaces and the auth handshake.
+//! - `delivery`: persist, fan out, acks, `_batch`, `_resync`, presence.
+//! - `callbacks`: calls to the customer's website (auth, presence PUT).
+//! - `store`: the `Store` trait, its sled backend and in-memory twin.
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod callbacks;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod http;
+pub mod realtime;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;
+
+use tokio_util::sync::CancellationToken;
+
+/// Builds and runs the service until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Application::build(config).await?.run_until_stopped(shutdown).await
+}

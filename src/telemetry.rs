@@ -4,6 +4,8 @@
 //! (`JOURNAL_STREAM` set) lines carry no timestamp and no colour, since the journal adds its own.
 //! Nothing here ever formats a token, an API key or a message body: callers log ids only.
 
+use std::io::IsTerminal;
+
 use tracing::Span;
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -26,7 +28,7 @@ pub fn init(format: LogFormat) {
     let result = match (format, under_journal) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
-        (LogFormat::Text, false) => builder.try_init(),
+        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
     drop(result);
 }

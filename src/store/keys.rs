@@ -27,8 +27,10 @@ pub(super) fn key(kind: u8, parts: &[&str]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 2).sum::<usize>() + 8);
     out.push(kind);
     for part in parts {
-        let len = u16::try_from(part.len())
-            .map_err(|_| StoreError::TooLong { what: "a site, room or device name", max: MAX_PART })?;
+        let len = u16::try_from(part.len()).map_err(|_| StoreError::TooLong {
+            what: "a site, room or device name",
+            max: MAX_PART,
+        })?;
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(part.as_bytes());
     }
@@ -140,8 +142,13 @@ mod tests {
 
     #[test]
     fn shared_rooms_are_indexed_lowercase() {
-        assert_eq!(room("s", "Staff", "user_1").unwrap(), room("s", "staff", "user_1").unwrap());
-        assert!(room("s", "STAFF", "u").unwrap().starts_with(&room_members("s", "staff").unwrap()));
+        assert_eq!(
+            room("s", "Staff", "user_1").unwrap(),
+            room("s", "staff", "user_1").unwrap()
+        );
+        assert!(room("s", "STAFF", "u")
+            .unwrap()
+            .starts_with(&room_members("s", "staff").unwrap()));
     }
 
     #[test]

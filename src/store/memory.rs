@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
-    QueueLimits, Queued, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis, QueueLimits,
+    Queued, Store, StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -85,14 +85,23 @@ impl State {
 impl Store for MemoryStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let mut state = self.lock();
-        state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
+        state
+            .users
+            .insert((device.site.clone(), device.user.clone()), rooms.to_vec());
         let dev = state.devices.entry(device.clone()).or_default();
         dev.connected = true;
         let overflowed = std::mem::take(&mut dev.overflowed);
         let pending = state
             .queues
             .get(device)
-            .map(|q| q.iter().map(|(id, entry)| Queued { id: *id, entry: entry.clone() }).collect())
+            .map(|q| {
+                q.iter()
+                    .map(|(id, entry)| Queued {
+                        id: *id,
+                        entry: entry.clone(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Connected { pending, overflowed })
     }
@@ -137,7 +146,10 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
-        let mut out = Enqueued { id, ..Enqueued::default() };
+        let mut out = Enqueued {
+            id,
+            ..Enqueued::default()
+        };
         for user in users {
             for dev in state.devices_of(site, user) {
                 if expiry.is_expired(&state.devices[&dev]) {
@@ -173,7 +185,14 @@ impl Store for MemoryStore {
             .lock()
             .queues
             .get(device)
-            .map(|q| q.iter().map(|(id, entry)| Queued { id: *id, entry: entry.clone() }).collect())
+            .map(|q| {
+                q.iter()
+                    .map(|(id, entry)| Queued {
+                        id: *id,
+                        entry: entry.clone(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -182,12 +201,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn ack_checked(
-        &self,
-        device: &DeviceKey,
-        id: MessageId,
-        event: &str,
-    ) -> Result<CheckedAck, StoreError> {
+    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let mut state = self.lock();
         let Some(queue) = state.queues.get(device) else {
             return Ok(CheckedAck::Removed);
@@ -211,8 +225,12 @@ impl Store for MemoryStore {
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
         let mut state = self.lock();
-        let expired: Vec<DeviceKey> =
-            state.devices.iter().filter(|(_, d)| expiry.is_expired(d)).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<DeviceKey> = state
+            .devices
+            .iter()
+            .filter(|(_, d)| expiry.is_expired(d))
+            .map(|(k, _)| k.clone())
+            .collect();
         for dev in &expired {
             state.forget(dev);
         }

@@ -41,7 +41,11 @@ pub struct DeviceKey {
 impl DeviceKey {
     /// Builds a key from its three parts.
     pub fn new(site: &str, user: &str, device: &str) -> Self {
-        Self { site: site.to_owned(), user: user.to_owned(), device: device.to_owned() }
+        Self {
+            site: site.to_owned(),
+            user: user.to_owned(),
+            device: device.to_owned(),
+        }
     }
 }
 
@@ -65,9 +69,7 @@ pub struct Expiry {
 
 impl Expiry {
     fn is_expired(&self, device: &DeviceState) -> bool {
-        self.ttl_ms != 0
-            && !device.connected
-            && self.now.saturating_sub(device.disconnected_at) > self.ttl_ms
+        self.ttl_ms != 0 && !device.connected && self.now.saturating_sub(device.disconnected_at) > self.ttl_ms
     }
 }
 
@@ -83,7 +85,10 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_len: 10_000, max_bytes: 16 * 1024 * 1024 }
+        Self {
+            max_len: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+        }
     }
 }
 
@@ -205,12 +210,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes `id` if it is the oldest queued message of `event`, otherwise clears every queued
     /// message of `event` (see [`CheckedAck`]).
-    async fn ack_checked(
-        &self,
-        device: &DeviceKey,
-        id: MessageId,
-        event: &str,
-    ) -> Result<CheckedAck, StoreError>;
+    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError>;
 
     /// Forgets every expired device with its queue, and returns them.
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError>;

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
 use super::{
-    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
-    QueueLimits, Queued, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis, QueueLimits,
+    Queued, Store, StoreError,
 };
 
 /// The layout version this build reads and writes.
@@ -59,7 +59,11 @@ impl SledStore {
     /// Opens (or creates) the database under `dir`, with a page cache of at most `cache_bytes`.
     /// Spawns the writer thread, which ends when the last clone of the store is dropped.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("schema").map_err(io)? {
             None => {
@@ -69,7 +73,10 @@ impl SledStore {
             Some(v) => {
                 let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0);
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
             }
         }
@@ -108,7 +115,10 @@ impl SledStore {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
             })
         });
-        self.jobs.send(Job { durable, run }).await.map_err(|_| StoreError::Closed)?;
+        self.jobs
+            .send(Job { durable, run })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -187,7 +197,9 @@ impl Writer {
     /// Removes the given queue entries of one device in one batch, keeping its counters true.
     fn remove_entries(&self, dev: &DeviceKey, ids: &[MessageId]) -> Result<u64, StoreError> {
         let dkey = keys::device(dev)?;
-        let Some(mut state) = self.device_state(&dkey)? else { return Ok(0) };
+        let Some(mut state) = self.device_state(&dkey)? else {
+            return Ok(0);
+        };
         let prefix = keys::queue(dev)?;
         let mut batch = Batch::default();
         let mut removed = 0;
@@ -236,7 +248,10 @@ fn read_queue(tree: &Tree, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
             let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
             let id = keys::queued_id(&k).ok_or_else(corrupt)?;
             let entry = std::str::from_utf8(&v).map_err(|_| corrupt())?;
-            Ok(Queued { id, entry: Arc::from(entry) })
+            Ok(Queued {
+                id,
+                entry: Arc::from(entry),
+            })
         })
         .collect()
 }
@@ -263,7 +278,10 @@ impl Store for SledStore {
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
             w.tree.apply_batch(batch).map_err(io)?;
-            Ok(Connected { pending: read_queue(&w.tree, &device)?, overflowed })
+            Ok(Connected {
+                pending: read_queue(&w.tree, &device)?,
+                overflowed,
+            })
         })
         .await
     }
@@ -329,7 +347,10 @@ impl Store for SledStore {
         let (site, users) = (site.to_owned(), users.to_vec());
         self.write(true, move |w| {
             let id = w.db.generate_id().map_err(io)?;
-            let mut out = Enqueued { id, ..Enqueued::default() };
+            let mut out = Enqueued {
+                id,
+                ..Enqueued::default()
+            };
             let mut batch = Batch::default();
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
@@ -388,15 +409,11 @@ impl Store for SledStore {
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
         let (device, ids) = (device.clone(), ids.to_vec());
-        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop)).await
+        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop))
+            .await
     }
 
-    async fn ack_checked(
-        &self,
-        device: &DeviceKey,
-        id: MessageId,
-        event: &str,
-    ) -> Result<CheckedAck, StoreError> {
+    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let (device, event) = (device.clone(), event.to_owned());
         self.write(false, move |w| {
             let queue = read_queue(&w.tree, &device)?;

@@ -102,6 +102,10 @@ impl<A: Adapter> Client<A> {
                 "the root namespace \"/\" must be defined before any connection for protocol V4 (legacy)!"
             );
             esocket.close(EIoDisconnectReason::TransportClose);
+        } else if protocol == ProtocolVersion::V4 {
+            // sio-push patch: legacy clients get the refusal as a bare string (see ns.rs).
+            let packet = crate::ns::legacy_connect_error(ns_path, "Invalid namespace");
+            let _ = esocket.emit(packet);
         } else {
             let path = Str::copy_from_slice(ns_path);
             let packet = self

@@ -649,7 +649,7 @@ mod tests {
 }
 
 /// sio-push patch: encodes a protocol v4 ERROR packet carrying `message` as a JSON string.
-fn legacy_connect_error(ns: &str, message: &str) -> String {
+pub(crate) fn legacy_connect_error(ns: &str, message: &str) -> String {
     let data = serde_json::to_string(message).unwrap_or_else(|_| "\"error\"".into());
     if ns == "/" {
         format!("4{data}")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit and integration tests, then the end-to-end suite (the release
+# binary driven by socket.io-client 2.x and 4.x under `node --test`). Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "== installing Node.js and npm (Debian packages)"
+  apt-get update -qq
+  apt-get install -y -qq nodejs npm
+fi
+
+echo "== cargo test"
+cargo test --locked --all-targets
+
+echo "== cargo build --release"
+cargo build --locked --release
+
+echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
+cd tests/e2e
+npm ci --no-audit --no-fund --loglevel=error
+SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test

@@ -1,0 +1,163 @@
+//! `Application`: open the store, bind the port, serve until told to stop, then drain.
+//!
+//! Drain order on shutdown: stop accepting HTTP while socket.io closes every socket (their
+//! disconnects are recorded in the store), let in-flight `/send` requests finish, then flush the
+//! store. `server.shutdown_timeout_secs` bounds the whole sequence.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::callbacks::Callbacks;
+use crate::config::{Config, ServerConfig};
+use crate::delivery::{now_ms, Delivery, Settings};
+use crate::http::{self, AppState};
+use crate::realtime;
+use crate::store::{MemoryStore, SledStore, Store};
+
+/// A built, bound, not yet serving instance.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    io: SocketIo,
+    delivery: Arc<Delivery>,
+    sled: Option<SledStore>,
+    server: Arc<ServerConfig>,
+}
+
+impl Application {
+    /// Opens the store, wires the services and binds the listen address.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let server = Arc::new(config.server);
+        let (store, sled): (Arc<dyn Store>, _) = if server.ephemeral {
+            tracing::warn!("ephemeral store: nothing survives a restart");
+            (Arc::new(MemoryStore::new()), None)
+        } else {
+            let (dir, cache) = (server.data_dir.clone(), server.cache_bytes);
+            let sled = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                SledStore::open(&dir, cache).map_err(anyhow::Error::from)
+            })
+            .await?
+            .with_context(|| format!("cannot open the store in {}", server.data_dir.display()))?;
+            (Arc::new(sled.clone()), Some(sled))
+        };
+        let left_connected = store.disconnect_all(now_ms()).await?;
+        tracing::info!(data_dir = %server.data_dir.display(), devices_left_connected = left_connected, "store open");
+
+        let callbacks = Callbacks::new(&server).context("cannot build the HTTP client")?;
+        let (layer, io) = realtime::layer(&server);
+        let settings = Settings {
+            device_ttl: server.device_ttl,
+            queue_limits: server.queue_limits,
+        };
+        let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
+        let sites: BTreeMap<_, _> = config
+            .sites
+            .into_iter()
+            .map(|(name, site)| (name, Arc::new(site)))
+            .collect();
+        realtime::register(&io, &sites, delivery.clone(), callbacks);
+        for site in sites.values() {
+            tracing::info!(site = %site.name, reliable = site.reliable(), "site configured");
+        }
+        let state = AppState {
+            sites: Arc::new(sites),
+            delivery: delivery.clone(),
+            server: server.clone(),
+        };
+        let router = http::router(state, layer);
+        let listener = TcpListener::bind(server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", server.listen))?;
+        Ok(Self {
+            listener,
+            router,
+            io,
+            delivery,
+            sled,
+            server,
+        })
+    }
+
+    /// The bound address (its port is the real one when the config said port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains (see the module docs).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            router,
+            io,
+            delivery,
+            sled,
+            server,
+        } = self;
+        tracing::info!(listen = %listener.local_addr()?, "serving");
+        let tasks = TaskTracker::new();
+        tasks.spawn(sweeper(delivery.clone(), server.sweep_interval, shutdown.clone()));
+        let closer = {
+            let (io, shutdown) = (io.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                io.close().await;
+            })
+        };
+        tasks.close();
+
+        let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let drain = async {
+            serve.await.context("HTTP server failed")?;
+            let _ = closer.await;
+            tasks.wait().await;
+            delivery.store().flush().await?;
+            anyhow::Ok(())
+        };
+        let result = tokio::select! {
+            r = drain => r,
+            _ = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(server.shutdown_timeout).await;
+            } => Err(anyhow::anyhow!("shutdown took longer than {:?}", server.shutdown_timeout)),
+        };
+        drop(delivery);
+        drop(io);
+        if let Some(sled) = sled {
+            // Everything acknowledged is already durable; this waits for the final flush.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sled.close()).await;
+        }
+        if result.is_ok() {
+            tracing::info!("stopped");
+        }
+        result
+    }
+}
+
+/// Forgets expired devices every `interval` until shutdown.
+async fn sweeper(delivery: Arc<Delivery>, interval: std::time::Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match delivery.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "sweep done"),
+            Err(e) => tracing::error!(error.message = %e, "sweep failed"),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Calls to the customer's website: the auth endpoint and the presence callback.
+//!
+//! One shared reqwest client. Auth calls are bounded by a timeout and by a semaphore, so a
+//! reconnect storm queues here instead of flooding the website. Presence PUTs run in their own
+//! task with a timeout: a slow or failing website never delays delivery, it only gets a log line.
+//! Tokens go into headers and nowhere else: no log line carries one.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::StatusCode;
+use tokio::sync::Semaphore;
+
+use crate::config::{ServerConfig, SiteConfig};
+
+/// Why a connection was refused by auth. `Display` gives the exact text the client sees.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The auth endpoint answered 401.
+    #[error("Authentication failed")]
+    Failed,
+    /// The auth endpoint answered another non-200 status.
+    #[error("Auth {0} error")]
+    Status(u16),
+    /// The call failed or its answer was not a JSON array of strings.
+    #[error("Auth error: {0}")]
+    Other(String),
+    /// Reliable mode, and none of the rooms is a user room or the public channel.
+    #[error("User is missing a private room")]
+    MissingUserRoom,
+}
+
+/// Presence transitions reported to `update_user_url`.
+#[derive(Clone, Copy, Debug)]
+pub enum Presence {
+    /// A socket of the user connected.
+    Connected,
+    /// A socket of the user disconnected.
+    Disconnected,
+}
+
+/// The HTTP client for customer websites. Cheap to clone.
+#[derive(Clone)]
+pub struct Callbacks {
+    client: reqwest::Client,
+    auth_slots: Arc<Semaphore>,
+    auth_timeout: Duration,
+    callback_timeout: Duration,
+}
+
+impl Callbacks {
+    /// Builds the shared client from the server settings.
+    pub fn new(server: &ServerConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(server.auth_timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("sio-push/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            client,
+            auth_slots: Arc::new(Semaphore::new(server.max_concurrent_auth)),
+            auth_timeout: server.auth_timeout,
+            callback_timeout: server.callback_timeout,
+        })
+    }
+
+    /// Asks the site's auth endpoint for the rooms of the client holding `token`.
+    pub async fn rooms(&self, site: &SiteConfig, token: &str, meta: Option<&str>) -> Result<Vec<String>, AuthError> {
+        let _slot = self
+            .auth_slots
+            .acquire()
+            .await
+            .map_err(|_| AuthError::Other("shutting down".into()))?;
+        let mut request = self
+            .client
+            .get(site.auth_url.clone())
+            .timeout(self.auth_timeout)
+            .header(AUTHORIZATION, authorization(site, token)?);
+        if let Some(meta) = meta {
+            let meta = HeaderValue::from_bytes(meta.as_bytes())
+                .map_err(|_| AuthError::Other("meta holds characters not allowed in a header".into()))?;
+            request = request.header("X-META", meta);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED => return Err(AuthError::Failed),
+            status => return Err(AuthError::Status(status.as_u16())),
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
+        serde_json::from_slice::<Vec<String>>(&body)
+            .map_err(|_| AuthError::Other("the auth endpoint did not answer a JSON array of strings".into()))
+    }
+
+    /// Reports a presence change to the site's `update_user_url`, in the background.
+    pub fn presence(&self, site: &SiteConfig, user_room: &str, token: &str, what: Presence) {
+        let Some(template) = &site.update_user_url else { return };
+        let Some(id) = user_id(user_room) else { return };
+        let url = template.replace(":id", id);
+        let field = match what {
+            Presence::Connected => "last_connected",
+            Presence::Disconnected => "last_disconnected",
+        };
+        let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let body = serde_json::json!({ "id": id, "user": { field: now } });
+        let Ok(auth) = authorization(site, token) else { return };
+        let request = self
+            .client
+            .put(url)
+            .timeout(self.callback_timeout)
+            .header(AUTHORIZATION, auth)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        let (site, user, timeout) = (site.name.clone(), user_room.to_owned(), self.callback_timeout);
+        tokio::spawn(async move {
+            match request.send().await {
+                Ok(r) if r.status().is_success() => {
+                    tracing::debug!(%site, room = %user, field, "presence callback sent")
+                }
+                Ok(r) => {
+                    tracing::warn!(%site, room = %user, field, status = r.status().as_u16(), "presence callback refused")
+                }
+                Err(e) => {
+                    tracing::warn!(%site, room = %user, field, error.message = %describe(e, timeout), "presence callback failed")
+                }
+            }
+        });
+    }
+}
+
+/// `<scheme> <token>` as a header value.
+fn authorization(site: &SiteConfig, token: &str) -> Result<HeaderValue, AuthError> {
+    let mut value = HeaderValue::from_str(&format!("{} {}", site.auth_scheme, token))
+        .map_err(|_| AuthError::Other("the token holds characters not allowed in a header".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The user id in a user room: after the first `_`, up to the next (`user_3_admin` -> `3`).
+pub fn user_id(room: &str) -> Option<&str> {
+    let (_, rest) = room.split_once('_')?;
+    Some(rest.split('_').next().unwrap_or(rest))
+}
+
+/// A short reason for a failed call, without the URL's query.
+fn describe(e: reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("timed out after {}", humantime::format_duration(timeout))
+    } else if e.is_connect() {
+        "cannot connect to the auth endpoint".into()
+    } else if e.is_body() || e.is_decode() {
+        "the answer's body could not be read".into()
+    } else {
+        e.without_url().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_the_part_after_the_first_underscore() {
+        assert_eq!(user_id("user_3_admin"), Some("3"));
+        assert_eq!(user_id("user_42"), Some("42"));
+        assert_eq!(user_id("user_"), Some(""));
+        assert_eq!(user_id("browse"), None);
+    }
+
+    #[test]
+    fn refusal_texts_are_the_old_services() {
+        assert_eq!(AuthError::Failed.to_string(), "Authentication failed");
+        assert_eq!(AuthError::Status(500).to_string(), "Auth 500 error");
+        assert_eq!(AuthError::Other("x".into()).to_string(), "Auth error: x");
+    }
+}

@@ -1,0 +1,600 @@
+//! Configuration: built-in defaults, then the TOML file, then environment variables.
+//!
+//! Environment variables come in two families. The old Node.js service's names (`PORT`,
+//! `DEVICE_TTL`, `SITE_NAME`, `AUTH_URL`, ...) keep their meaning, so a user can switch without
+//! touching anything; `REDIS_URL` is accepted and ignored with a warning. Every other key can be
+//! set as `SIO_PUSH_<SECTION>__<KEY>` (e.g. `SIO_PUSH_SERVER__MAX_BODY_BYTES`,
+//! `SIO_PUSH_SITES__SHOP__API_KEY`), and `SIO_PUSH_DATA_DIR` sets the data directory.
+//!
+//! The merged document is deserialized into raw structs (unknown keys are errors) and then
+//! validated into [`Config`], whose fields have real types. Every error names the key, the value
+//! and what is accepted. `sio-push check-config` runs exactly this step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+use crate::store::QueueLimits;
+use crate::telemetry::LogFormat;
+
+/// Where `serve` looks for a config file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sio-push/config.toml";
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file, or "environment".
+        origin: String,
+        /// The parser's words, which name the key.
+        message: String,
+    },
+    /// A value has the right type but is not acceptable.
+    #[error("{key} = {value:?}: {reason}")]
+    Invalid {
+        /// The dotted key, or the environment variable.
+        key: String,
+        /// The offending value.
+        value: String,
+        /// What is accepted.
+        reason: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Process-wide settings.
+    pub server: ServerConfig,
+    /// The sites, by name (the socket.io namespace without `/`).
+    pub sites: BTreeMap<String, SiteConfig>,
+    /// Things worth a warning line at startup (ignored settings).
+    pub warnings: Vec<String>,
+}
+
+/// Process-wide settings (`[server]`).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Where the sled database lives.
+    pub data_dir: PathBuf,
+    /// Keep everything in memory instead (tests, demos): nothing survives a restart.
+    pub ephemeral: bool,
+    /// How long a disconnected device keeps its queue; zero keeps it forever.
+    pub device_ttl: Duration,
+    /// engine.io ping interval.
+    pub ping_interval: Duration,
+    /// engine.io ping timeout.
+    pub ping_timeout: Duration,
+    /// How long a live message waits for its ack before it is left for the next `_batch`.
+    pub ack_timeout: Duration,
+    /// Timeout of one call to a site's auth endpoint.
+    pub auth_timeout: Duration,
+    /// Timeout of one presence callback (`update_user_url`).
+    pub callback_timeout: Duration,
+    /// Most bytes a `POST /send` body may have.
+    pub max_body_bytes: usize,
+    /// Most rooms one `POST /send` may name.
+    pub max_rooms_per_request: usize,
+    /// Per-device queue caps.
+    pub queue_limits: QueueLimits,
+    /// Most auth calls in flight at once, across sites.
+    pub max_concurrent_auth: usize,
+    /// sled's page cache size.
+    pub cache_bytes: u64,
+    /// How often expired devices are swept.
+    pub sweep_interval: Duration,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Serve the built-in demo page and demo auth endpoint (`/demo`).
+    pub demo: bool,
+}
+
+/// One customer website (`[sites.<name>]`).
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// The site's name and namespace (`/<name>`).
+    pub name: String,
+    /// Called with the client's token to learn its rooms.
+    pub auth_url: Url,
+    /// Prefix of the `Authorization` header sent to `auth_url`.
+    pub auth_scheme: String,
+    /// The key `POST /send` must present.
+    pub api_key: ApiKey,
+    /// Rooms starting with this are user rooms; set means reliable mode.
+    pub user_room_prefix: Option<String>,
+    /// Presence callback; `:id` is replaced by the user id.
+    pub update_user_url: Option<String>,
+    /// A room treated as one anonymous shared user.
+    pub public_channel: Option<String>,
+}
+
+impl SiteConfig {
+    /// Reliable mode: messages are queued per device and need acks.
+    pub fn reliable(&self) -> bool {
+        self.user_room_prefix.is_some()
+    }
+
+    /// A user room or the public channel: a room whose devices get their own queues.
+    pub fn is_user_room(&self, room: &str) -> bool {
+        self.user_room_prefix.as_deref().is_some_and(|p| room.starts_with(p))
+            || self.public_channel.as_deref() == Some(room)
+    }
+}
+
+/// An API key. Prints as `set`, compares in constant time.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// Compares with a presented key in time independent of where they differ.
+    pub fn matches(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == presented.len() && bool::from(self.0.as_bytes().ct_eq(presented.as_bytes()))
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"set\"")
+    }
+}
+
+// ---- raw, as written -------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    sites: BTreeMap<String, RawSite>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    data_dir: PathBuf,
+    ephemeral: bool,
+    device_ttl_secs: u64,
+    ping_interval_ms: u64,
+    ping_timeout_ms: u64,
+    ack_timeout_secs: u64,
+    auth_timeout_ms: u64,
+    callback_timeout_ms: u64,
+    max_body_bytes: u64,
+    max_rooms_per_request: u64,
+    max_queue_len: u64,
+    max_queue_bytes: u64,
+    max_concurrent_auth: u64,
+    cache_bytes: u64,
+    sweep_interval_secs: u64,
+    shutdown_timeout_secs: u64,
+    log_format: LogFormat,
+    demo: bool,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        let queue = QueueLimits::default();
+        Self {
+            listen: "0.0.0.0:1337".into(),
+            data_dir: "./data".into(),
+            ephemeral: false,
+            device_ttl_secs: 3600,
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            ack_timeout_secs: 300,
+            auth_timeout_ms: 10_000,
+            callback_timeout_ms: 10_000,
+            max_body_bytes: 1024 * 1024,
+            max_rooms_per_request: 1_000,
+            max_queue_len: queue.max_len,
+            max_queue_bytes: queue.max_bytes,
+            max_concurrent_auth: 64,
+            cache_bytes: 64 * 1024 * 1024,
+            sweep_interval_secs: 60,
+            shutdown_timeout_secs: 20,
+            log_format: LogFormat::Text,
+            demo: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    auth_url: String,
+    #[serde(default = "default_auth_scheme")]
+    auth_scheme: String,
+    api_key: String,
+    #[serde(default)]
+    user_room_prefix: Option<String>,
+    #[serde(default)]
+    update_user_url: Option<String>,
+    #[serde(default)]
+    public_channel: Option<String>,
+}
+
+fn default_auth_scheme() -> String {
+    "Bearer".into()
+}
+
+// ---- loading ---------------------------------------------------------------------------------
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// The file (must exist). [`Config::load`] uses [`DEFAULT_CONFIG_PATH`] when this is `None`
+    /// and that file exists; [`Config::load_with_env`] then reads no file.
+    pub file: Option<PathBuf>,
+    /// `--data-dir`, overriding file and environment.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`, overriding file and environment.
+    pub listen: Option<String>,
+    /// `--ephemeral`.
+    pub ephemeral: bool,
+}
+
+impl Config {
+    /// Loads defaults, the file and the process environment, then validates.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let default = Path::new(DEFAULT_CONFIG_PATH);
+        match &sources.file {
+            None if default.exists() => {
+                let sources = Sources {
+                    file: Some(default.into()),
+                    ..sources.clone()
+                };
+                Self::load_with_env(&sources, std::env::vars())
+            }
+            _ => Self::load_with_env(sources, std::env::vars()),
+        }
+    }
+
+    /// As [`Config::load`], with the environment given (tests).
+    pub fn load_with_env(
+        sources: &Sources,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut doc, origin) = match &sources.file {
+            Some(path) => (read_file(path)?, path.display().to_string()),
+            None => (toml::Table::new(), "environment".to_string()),
+        };
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let mut warnings = overlay_env(&mut doc, &env)?;
+        if let Some(dir) = &sources.data_dir {
+            set(&mut doc, &["server", "data_dir"], dir.display().to_string().into());
+        }
+        if let Some(listen) = &sources.listen {
+            set(&mut doc, &["server", "listen"], listen.clone().into());
+        }
+        if sources.ephemeral {
+            set(&mut doc, &["server", "ephemeral"], true.into());
+        }
+        let config = Self::validate(deserialize(doc, origin)?)?;
+        if config.sites.is_empty() {
+            warnings.push("no site is configured: every connection will be refused with 'Invalid namespace'".into());
+        }
+        Ok(Self { warnings, ..config })
+    }
+
+    /// Parses a TOML document alone (no environment), for tests and fuzzing.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let doc = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+            origin: "config".into(),
+            message: one_line(&e),
+        })?;
+        Self::validate(deserialize(doc, "config".into())?)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let s = raw.server;
+        let listen = s
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", &s.listen, "an address like 0.0.0.0:1337"))?;
+        let positive = |key: &str, v: u64| -> Result<u64, ConfigError> {
+            if v == 0 {
+                Err(invalid(key, &v.to_string(), "a number above 0"))
+            } else {
+                Ok(v)
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            data_dir: s.data_dir,
+            ephemeral: s.ephemeral,
+            device_ttl: Duration::from_secs(s.device_ttl_secs),
+            ping_interval: Duration::from_millis(positive("server.ping_interval_ms", s.ping_interval_ms)?),
+            ping_timeout: Duration::from_millis(positive("server.ping_timeout_ms", s.ping_timeout_ms)?),
+            ack_timeout: Duration::from_secs(positive("server.ack_timeout_secs", s.ack_timeout_secs)?),
+            auth_timeout: Duration::from_millis(positive("server.auth_timeout_ms", s.auth_timeout_ms)?),
+            callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
+            max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
+            max_rooms_per_request: positive("server.max_rooms_per_request", s.max_rooms_per_request)? as usize,
+            queue_limits: QueueLimits {
+                max_len: positive("server.max_queue_len", s.max_queue_len)?,
+                max_bytes: positive("server.max_queue_bytes", s.max_queue_bytes)?,
+            },
+            max_concurrent_auth: positive("server.max_concurrent_auth", s.max_concurrent_auth)? as usize,
+            cache_bytes: positive("server.cache_bytes", s.cache_bytes)?,
+            sweep_interval: Duration::from_secs(positive("server.sweep_interval_secs", s.sweep_interval_secs)?),
+            shutdown_timeout: Duration::from_secs(positive("server.shutdown_timeout_secs", s.shutdown_timeout_secs)?),
+            log_format: s.log_format,
+            demo: s.demo,
+        };
+        let mut sites = BTreeMap::new();
+        for (name, site) in raw.sites {
+            sites.insert(name.clone(), validate_site(name, site)?);
+        }
+        Ok(Self {
+            server,
+            sites,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> {
+    let key = |field: &str| format!("sites.{name}.{field}");
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
+    if !name_ok {
+        return Err(invalid(
+            &format!("sites.{name}"),
+            &name,
+            "a site name of letters, digits, '-', '_', '.' or '~'",
+        ));
+    }
+    let auth_url = parse_http_url(&key("auth_url"), &raw.auth_url)?;
+    if let Some(url) = &raw.update_user_url {
+        parse_http_url(&key("update_user_url"), url)?;
+    }
+    if raw.api_key.is_empty() {
+        return Err(invalid(&key("api_key"), "", "a non-empty key"));
+    }
+    if raw.auth_scheme.contains(['\r', '\n']) {
+        return Err(invalid(
+            &key("auth_scheme"),
+            &raw.auth_scheme,
+            "a single-line word like Bearer",
+        ));
+    }
+    let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
+    Ok(SiteConfig {
+        name,
+        auth_url,
+        auth_scheme: raw.auth_scheme,
+        api_key: ApiKey::new(raw.api_key),
+        user_room_prefix: non_empty(raw.user_room_prefix),
+        update_user_url: non_empty(raw.update_user_url),
+        public_channel: non_empty(raw.public_channel),
+    })
+}
+
+fn parse_http_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    match Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        _ => Err(invalid(key, value, "an http:// or https:// URL")),
+    }
+}
+
+fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+fn deserialize(doc: toml::Table, origin: String) -> Result<RawConfig, ConfigError> {
+    toml::Value::Table(doc)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin,
+            message: one_line(&e),
+        })
+}
+
+/// toml's errors span several lines (a source excerpt); keep one.
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string()
+        .split('\n')
+        .filter(|l| !l.trim().is_empty() && !l.contains('|'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        origin: path.display().to_string(),
+        message: one_line(&e),
+    })
+}
+
+/// Sets a nested key, creating tables on the way (replacing non-tables).
+fn set(doc: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut table = doc;
+    for part in parents {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Table::new().into());
+        if !entry.is_table() {
+            *entry = toml::Table::new().into();
+        }
+        table = entry.as_table_mut().expect("made a table above");
+    }
+    table.insert(last.to_string(), value);
+}
+
+/// A value from the environment: a TOML scalar if it reads as one, else the text.
+fn env_value(text: &str) -> toml::Value {
+    match format!("v = {text}").parse::<toml::Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_))) => v,
+            _ => text.into(),
+        },
+        Err(_) => text.into(),
+    }
+}
+
+/// Applies the environment to the document; returns warnings about ignored variables.
+fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<Vec<String>, ConfigError> {
+    let mut warnings = Vec::new();
+    for (var, value) in env
+        .range("SIO_PUSH_".to_string()..)
+        .take_while(|(k, _)| k.starts_with("SIO_PUSH_"))
+    {
+        let name = &var["SIO_PUSH_".len()..];
+        if name == "DATA_DIR" {
+            set(doc, &["server", "data_dir"], value.clone().into());
+        } else if name.contains("__") {
+            let path: Vec<String> = name.split("__").map(str::to_lowercase).collect();
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            set(doc, &path, env_value(value));
+        } else {
+            warnings.push(format!(
+                "{var} is not a setting (use SIO_PUSH_<SECTION>__<KEY>): ignored"
+            ));
+        }
+    }
+
+    // The old service's names.
+    if env.contains_key("REDIS_URL") {
+        warnings.push("REDIS_URL is set but sio-push keeps its data in its embedded store: ignored".into());
+    }
+    if let Some(port) = env.get("PORT") {
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| invalid("PORT", port, "a TCP port number"))?;
+        let listen = doc
+            .get("server")
+            .and_then(|s| s.get("listen"))
+            .and_then(|l| l.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| RawServer::default().listen);
+        let host = listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .map_err(|_| invalid("server.listen", &listen, "an address like 0.0.0.0:1337"))?;
+        set(
+            doc,
+            &["server", "listen"],
+            SocketAddr::new(host, port).to_string().into(),
+        );
+    }
+    if let Some(ttl) = env.get("DEVICE_TTL") {
+        let secs: i64 = ttl
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s| *s >= 0)
+            .ok_or_else(|| invalid("DEVICE_TTL", ttl, "whole seconds, 0 or more (0: devices never expire)"))?;
+        set(doc, &["server", "device_ttl_secs"], secs.into());
+    }
+    const SITE_VARS: [(&str, &str); 6] = [
+        ("AUTH_URL", "auth_url"),
+        ("AUTH_SCHEME", "auth_scheme"),
+        ("API_KEY", "api_key"),
+        ("USER_ROOM_PREFIX", "user_room_prefix"),
+        ("UPDATE_USER_URL", "update_user_url"),
+        ("PUBLIC_CHANNEL", "public_channel"),
+    ];
+    match env.get("SITE_NAME").filter(|s| !s.is_empty()) {
+        Some(site) => {
+            for (var, key) in SITE_VARS {
+                if let Some(value) = env.get(var) {
+                    set(doc, &["sites", site, key], value.clone().into());
+                }
+            }
+        }
+        None => {
+            for (var, _) in SITE_VARS.iter().filter(|(var, _)| env.contains_key(*var)) {
+                warnings.push(format!("{var} is set but SITE_NAME is not: ignored"));
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+impl fmt::Display for Config {
+    /// The effective settings, secrets masked, as `check-config` prints them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.server;
+        writeln!(f, "[server]")?;
+        writeln!(f, "listen = \"{}\"", s.listen)?;
+        writeln!(f, "data_dir = {:?}", s.data_dir.display().to_string())?;
+        writeln!(f, "ephemeral = {}", s.ephemeral)?;
+        writeln!(f, "device_ttl_secs = {}", s.device_ttl.as_secs())?;
+        writeln!(f, "ping_interval_ms = {}", s.ping_interval.as_millis())?;
+        writeln!(f, "ping_timeout_ms = {}", s.ping_timeout.as_millis())?;
+        writeln!(f, "ack_timeout_secs = {}", s.ack_timeout.as_secs())?;
+        writeln!(f, "auth_timeout_ms = {}", s.auth_timeout.as_millis())?;
+        writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
+        writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;
+        writeln!(f, "max_rooms_per_request = {}", s.max_rooms_per_request)?;
+        writeln!(f, "max_queue_len = {}", s.queue_limits.max_len)?;
+        writeln!(f, "max_queue_bytes = {}", s.queue_limits.max_bytes)?;
+        writeln!(f, "max_concurrent_auth = {}", s.max_concurrent_auth)?;
+        writeln!(f, "cache_bytes = {}", s.cache_bytes)?;
+        writeln!(f, "sweep_interval_secs = {}", s.sweep_interval.as_secs())?;
+        writeln!(f, "shutdown_timeout_secs = {}", s.shutdown_timeout.as_secs())?;
+        writeln!(
+            f,
+            "log_format = \"{}\"",
+            if s.log_format == LogFormat::Json {
+                "json"
+            } else {
+                "text"
+            }
+        )?;
+        writeln!(f, "demo = {}", s.demo)?;
+        for site in self.sites.values() {
+            writeln!(f, "\n[sites.{}]", site.name)?;
+            writeln!(f, "auth_url = \"{}\"", site.auth_url)?;
+            writeln!(f, "auth_scheme = {:?}", site.auth_scheme)?;
+            writeln!(f, "api_key = (set)")?;
+            let opt = |v: &Option<String>| v.as_ref().map_or("(not set)".to_string(), |v| format!("{v:?}"));
+            writeln!(f, "user_room_prefix = {}", opt(&site.user_room_prefix))?;
+            writeln!(f, "update_user_url = {}", opt(&site.update_user_url))?;
+            writeln!(f, "public_channel = {}", opt(&site.public_channel))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

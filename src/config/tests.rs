@@ -1,0 +1,183 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn from_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::load_with_env(&Sources::default(), env(pairs))
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+const OLD_ENV: &[(&str, &str)] = &[
+    ("REDIS_URL", "redis://localhost:6379"),
+    ("DEVICE_TTL", "120"),
+    ("PORT", "8080"),
+    ("SITE_NAME", "goodcity"),
+    ("AUTH_URL", "http://127.0.0.1:3000/api/v1/auth/current_user_rooms"),
+    ("AUTH_SCHEME", "Token"),
+    ("API_KEY", "k3y"),
+    ("USER_ROOM_PREFIX", "user_"),
+    ("UPDATE_USER_URL", "http://127.0.0.1:3000/api/v1/users/:id"),
+    ("PUBLIC_CHANNEL", "browse"),
+];
+
+#[test]
+fn the_old_services_environment_alone_configures_one_site() {
+    let config = from_env(OLD_ENV).unwrap();
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.server.device_ttl, Duration::from_secs(120));
+    let site = &config.sites["goodcity"];
+    assert_eq!(
+        site.auth_url.as_str(),
+        "http://127.0.0.1:3000/api/v1/auth/current_user_rooms"
+    );
+    assert_eq!(site.auth_scheme, "Token");
+    assert!(site.api_key.matches("k3y") && !site.api_key.matches("k3") && !site.api_key.matches("k3y!"));
+    assert_eq!(site.user_room_prefix.as_deref(), Some("user_"));
+    assert_eq!(site.public_channel.as_deref(), Some("browse"));
+    assert!(site.reliable() && site.is_user_room("user_3_admin") && site.is_user_room("browse"));
+    assert!(!site.is_user_room("staff"));
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert!(config.warnings[0].contains("REDIS_URL"));
+}
+
+#[test]
+fn defaults_match_the_old_service() {
+    let config = from_env(&[]).unwrap();
+    assert_eq!(config.server.listen.port(), 1337);
+    assert_eq!(config.server.device_ttl, Duration::from_secs(3600));
+    assert_eq!(config.server.data_dir, PathBuf::from("./data"));
+    assert!(config.sites.is_empty());
+    assert!(config.warnings.iter().any(|w| w.contains("no site")));
+}
+
+#[test]
+fn environment_overrides_the_file_and_flags_override_both() {
+    let f = file(
+        r#"
+        [server]
+        listen = "127.0.0.1:9000"
+        device_ttl_secs = 10
+        [sites.goodcity]
+        auth_url = "http://example.test/auth"
+        api_key = "from-file"
+        [sites.other]
+        auth_url = "http://example.test/other"
+        api_key = "other"
+        "#,
+    );
+    let sources = Sources {
+        file: Some(f.path().into()),
+        data_dir: Some("/tmp/x".into()),
+        ..Sources::default()
+    };
+    let config = Config::load_with_env(
+        &sources,
+        env(&[
+            ("PORT", "9100"),
+            ("SITE_NAME", "goodcity"),
+            ("API_KEY", "from-env"),
+            ("SIO_PUSH_DATA_DIR", "/tmp/y"),
+            ("SIO_PUSH_SERVER__MAX_BODY_BYTES", "2048"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:9100");
+    assert_eq!(config.server.device_ttl, Duration::from_secs(10));
+    assert_eq!(config.server.data_dir, PathBuf::from("/tmp/x"));
+    assert_eq!(config.server.max_body_bytes, 2048);
+    assert!(config.sites["goodcity"].api_key.matches("from-env"));
+    assert_eq!(config.sites["goodcity"].auth_url.as_str(), "http://example.test/auth");
+    assert!(config.sites["other"].api_key.matches("other"));
+}
+
+#[test]
+fn sio_push_data_dir_sets_the_data_dir() {
+    let config = from_env(&[("SIO_PUSH_DATA_DIR", "/var/lib/x")]).unwrap();
+    assert_eq!(config.server.data_dir, PathBuf::from("/var/lib/x"));
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key() {
+    let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen_addr"), "{err}");
+    let err = Config::from_toml("[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"k\"\nauthUrl = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("authUrl"), "{err}");
+    let err = from_env(&[("SIO_PUSH_SERVER__NOPE", "1")]).unwrap_err().to_string();
+    assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_key_the_value_and_what_is_accepted() {
+    let cases = [
+        ("[server]\nlisten = \"nowhere\"", "server.listen"),
+        ("[server]\nmax_body_bytes = 0", "server.max_body_bytes"),
+        ("[server]\ndevice_ttl_secs = -1", "device_ttl_secs"),
+        ("[server]\nlog_format = \"xml\"", "xml"),
+        ("[sites.a]\nauth_url = \"ftp://a\"\napi_key = \"k\"", "sites.a.auth_url"),
+        (
+            "[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"\"",
+            "sites.a.api_key",
+        ),
+        (
+            "[sites.\"a/b\"]\nauth_url = \"http://a.test\"\napi_key = \"k\"",
+            "sites.a/b",
+        ),
+        ("[sites.a]\napi_key = \"k\"", "auth_url"),
+    ];
+    for (text, needle) in cases {
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?} gave {err:?}");
+    }
+    for (var, value) in [("PORT", "eighty"), ("DEVICE_TTL", "-5"), ("DEVICE_TTL", "1h")] {
+        let err = from_env(&[(var, value)]).unwrap_err().to_string();
+        assert!(err.contains(var) && err.contains(value), "{err}");
+    }
+}
+
+#[test]
+fn empty_optional_settings_mean_unset() {
+    let config = from_env(&[
+        ("SITE_NAME", "s"),
+        ("AUTH_URL", "http://a.test"),
+        ("API_KEY", "k"),
+        ("USER_ROOM_PREFIX", ""),
+    ])
+    .unwrap();
+    assert!(!config.sites["s"].reliable());
+    assert_eq!(config.sites["s"].auth_scheme, "Bearer");
+}
+
+#[test]
+fn site_variables_without_site_name_are_warned_about() {
+    let config = from_env(&[("AUTH_URL", "http://a.test")]).unwrap();
+    assert!(config.sites.is_empty());
+    assert!(config.warnings.iter().any(|w| w.contains("AUTH_URL")));
+}
+
+#[test]
+fn printed_settings_mask_secrets() {
+    let config = from_env(OLD_ENV).unwrap();
+    let printed = config.to_string();
+    assert!(!printed.contains("k3y"), "{printed}");
+    assert!(printed.contains("api_key = (set)"));
+    assert!(!format!("{config:?}").contains("k3y"));
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let config = Config::from_toml(&text).unwrap();
+    assert!(config.server.demo);
+    assert!(config.sites.contains_key("demo"));
+}

@@ -1,0 +1,390 @@
+//! The domain core: accept a message, persist it, fan it out to live sockets, handle acks.
+//!
+//! `POST /send` calls [`Delivery::send`]; the socket.io handlers call [`Delivery::connect`] and
+//! [`Delivery::disconnect`]. Which socket currently speaks for a device lives in memory here
+//! (the presence map: only the newest socket of a device gets live messages); everything that
+//! must survive a restart lives in the [`Store`].
+//!
+//! A message is emitted only after the store has made it durable, so every emitted message can
+//! be acked away. Its ack removes exactly that message; a `_batch` ack removes exactly the batch.
+
+mod ack;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::ser::SerializeTuple;
+use serde_json::Value;
+use socketioxide::extract::SocketRef;
+use socketioxide::SocketIo;
+
+use crate::callbacks::{Callbacks, Presence};
+use crate::config::SiteConfig;
+use crate::store::{CheckedAck, DeviceKey, Expiry, Millis, QueueLimits, Store, StoreError};
+
+pub use self::ack::acked;
+
+/// A message accepted by `POST /send`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// Rooms to deliver to: user rooms, the public channel, or shared rooms.
+    pub rooms: Vec<String>,
+    /// The socket.io event name.
+    pub event: String,
+    /// The event's arguments, spread into the emit.
+    pub args: Vec<Value>,
+    /// Check ack order and ask for a resync when an older message of the event is unacked.
+    pub resync: bool,
+}
+
+impl Message {
+    /// The `[event, ...args]` JSON array: the queued form, and a `_batch` entry.
+    pub fn entry(&self) -> String {
+        let mut out = String::with_capacity(64);
+        out.push('[');
+        out.push_str(&Value::from(self.event.as_str()).to_string());
+        for arg in &self.args {
+            out.push(',');
+            out.push_str(&arg.to_string());
+        }
+        out.push(']');
+        out
+    }
+}
+
+/// What a connecting client told us and what its site's auth endpoint answered.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// The `token` query parameter (a secret: never logged).
+    pub token: String,
+    /// The `deviceId` query parameter, `""` when absent.
+    pub device: String,
+    /// The client's rooms, as the auth endpoint listed them.
+    pub rooms: Vec<String>,
+}
+
+/// Settings delivery needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// See `ServerConfig::device_ttl`.
+    pub device_ttl: Duration,
+    /// See `ServerConfig::queue_limits`.
+    pub queue_limits: QueueLimits,
+}
+
+/// How a `POST /send` was carried out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Device queues the message was stored in.
+    pub stored: usize,
+    /// Devices it was emitted to live.
+    pub live: usize,
+}
+
+/// The delivery service. Share it as `Arc<Delivery>`.
+pub struct Delivery {
+    store: Arc<dyn Store>,
+    io: SocketIo,
+    callbacks: Callbacks,
+    settings: Settings,
+    /// The socket that currently speaks for each connected device. A std mutex: every use is a
+    /// single map operation, never held across an `.await`.
+    presence: Mutex<HashMap<DeviceKey, SocketRef>>,
+}
+
+/// Serializes arguments so that socket.io spreads them: `emit(event, ...args)`.
+struct Spread<'a>(&'a [Value]);
+
+impl serde::Serialize for Spread<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(self.0.len())?;
+        for arg in self.0 {
+            tuple.serialize_element(arg)?;
+        }
+        tuple.end()
+    }
+}
+
+/// The current time in milliseconds since the epoch.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+impl Delivery {
+    /// Builds the service over a store and the socket.io handle.
+    pub fn new(store: Arc<dyn Store>, io: SocketIo, callbacks: Callbacks, settings: Settings) -> Self {
+        Self {
+            store,
+            io,
+            callbacks,
+            settings,
+            presence: Mutex::default(),
+        }
+    }
+
+    /// The store, for background jobs.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn expiry(&self) -> Expiry {
+        Expiry {
+            now: now_ms(),
+            ttl_ms: self.settings.device_ttl.as_millis() as u64,
+        }
+    }
+
+    fn live_socket(&self, device: &DeviceKey) -> Option<SocketRef> {
+        self.presence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .cloned()
+    }
+
+    /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
+    /// otherwise. Returns once every queued copy is durable.
+    pub async fn send(&self, site: &SiteConfig, msg: &Message) -> Result<Sent, StoreError> {
+        if !site.reliable() {
+            self.broadcast(site, msg).await;
+            return Ok(Sent::default());
+        }
+        let users = self.targets(site, &msg.rooms).await?;
+        if users.is_empty() {
+            return Ok(Sent::default());
+        }
+        let entry: Arc<str> = msg.entry().into();
+        let out = self
+            .store
+            .enqueue(&site.name, &users, entry, self.expiry(), self.settings.queue_limits)
+            .await?;
+        for dev in &out.expired {
+            tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
+        }
+        for (dev, dropped) in &out.overflowed {
+            tracing::warn!(site = %dev.site, room = %dev.user, device = %dev.device, dropped, "queue full: oldest messages dropped, device will get _resync");
+        }
+        let mut live = 0;
+        for dev in out.devices.iter() {
+            let Some(socket) = self.live_socket(dev) else { continue };
+            match socket.emit_with_ack::<_, Value>(&msg.event, &Spread(&msg.args)) {
+                Ok(ack) => {
+                    live += 1;
+                    let (store, dev, event, resync) = (self.store.clone(), dev.clone(), msg.event.clone(), msg.resync);
+                    let id = out.id;
+                    tokio::spawn(async move {
+                        if !acked(ack).await {
+                            return;
+                        }
+                        let result = if resync {
+                            store.ack_checked(&dev, id, &event).await.map(|outcome| {
+                                if let CheckedAck::Resync { cleared } = outcome {
+                                    tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, %event, cleared, "ack out of order: queue of the event cleared, _resync sent");
+                                    let _ = socket.emit("_resync", &Spread(&[]));
+                                }
+                            })
+                        } else {
+                            store.ack(&dev, &[id]).await
+                        };
+                        match result {
+                            Ok(()) => {
+                                tracing::debug!(site = %dev.site, room = %dev.user, device = %dev.device, id, "acked")
+                            }
+                            Err(e) => {
+                                tracing::error!(site = %dev.site, device = %dev.device, error.message = %e, "ack not recorded")
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(site = %dev.site, device = %dev.device, error.message = %e, "live emit failed: message stays queued")
+                }
+            }
+        }
+        tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored = out.devices.len(), live, "message stored");
+        Ok(Sent {
+            stored: out.devices.len(),
+            live,
+        })
+    }
+
+    /// The user rooms a message goes to: its user rooms, and the users of its shared rooms.
+    async fn targets(&self, site: &SiteConfig, rooms: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut seen = HashSet::new();
+        let mut users = Vec::new();
+        for room in rooms {
+            let found = if site.is_user_room(room) {
+                vec![room.clone()]
+            } else {
+                self.store.users_in_room(&site.name, room).await?
+            };
+            for user in found {
+                if seen.insert(user.clone()) {
+                    users.push(user);
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    async fn broadcast(&self, site: &SiteConfig, msg: &Message) {
+        let Some(ns) = self.io.of(format!("/{}", site.name)) else {
+            return;
+        };
+        if msg.rooms.is_empty() {
+            return;
+        }
+        match ns.to(msg.rooms.clone()).emit(&msg.event, &Spread(&msg.args)).await {
+            Ok(()) => {
+                tracing::info!(site = %site.name, event = %msg.event, rooms = msg.rooms.len(), "message broadcast")
+            }
+            Err(e) => tracing::warn!(site = %site.name, error.message = %e, "broadcast failed"),
+        }
+    }
+
+    /// Runs the accepted-connection sequence of PROTOCOL.md for one socket. Devices are
+    /// registered before `_settings` is emitted, so a client that has seen `_settings` gets
+    /// every message sent from then on; the client still sees `_settings` before `_batch`.
+    pub async fn connect(&self, site: &SiteConfig, socket: SocketRef, client: &Client) {
+        socket.join(client.rooms.clone());
+        let mut registered = Vec::new();
+        if site.reliable() {
+            for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
+                let dev = DeviceKey::new(&site.name, user, &client.device);
+                // Take over before reading the queue: a message stored from now on is emitted live.
+                self.presence
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(dev.clone(), socket.clone());
+                match self.store.connect(&dev, &client.rooms).await {
+                    Ok(connected) => registered.push((dev, connected)),
+                    Err(e) => {
+                        tracing::error!(site = %site.name, room = %user, device = %dev.device, error.message = %e, "device not registered")
+                    }
+                }
+            }
+        }
+        let ttl = self.settings.device_ttl.as_secs();
+        if let Err(e) = socket.emit("_settings", &serde_json::json!({ "device_ttl": ttl })) {
+            tracing::debug!(site = %site.name, error.message = %e, "_settings not sent");
+        }
+        for (dev, connected) in registered {
+            tracing::info!(site = %site.name, room = %dev.user, device = %dev.device, sid = %socket.id, queued = connected.pending.len(), "device connected");
+            if connected.overflowed {
+                let _ = socket.emit("_resync", &Spread(&[]));
+            }
+            let user = dev.user.clone();
+            if !connected.pending.is_empty() {
+                self.send_batch(&socket, dev, connected.pending);
+            }
+            if site.public_channel.as_deref() != Some(user.as_str()) {
+                self.callbacks.presence(site, &user, &client.token, Presence::Connected);
+            }
+        }
+        // A disconnect during the awaits above found no handler yet, or ran before the store
+        // marked the devices connected: settle it now.
+        if !socket.connected() {
+            self.disconnect(site, &socket, client).await;
+        }
+    }
+
+    fn send_batch(&self, socket: &SocketRef, dev: DeviceKey, pending: Vec<crate::store::Queued>) {
+        let mut body = String::with_capacity(pending.iter().map(|q| q.entry.len() + 1).sum::<usize>() + 2);
+        body.push('[');
+        for (i, q) in pending.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&q.entry);
+        }
+        body.push(']');
+        let batch: Value = match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(site = %dev.site, device = %dev.device, error.message = %e, "stored batch unreadable");
+                return;
+            }
+        };
+        let ids: Vec<_> = pending.iter().map(|q| q.id).collect();
+        match socket.emit_with_ack::<_, Value>("_batch", &batch) {
+            Ok(ack) => {
+                tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, messages = ids.len(), "_batch sent");
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if acked(ack).await {
+                        match store.ack(&dev, &ids).await {
+                            Ok(()) => {
+                                tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, messages = ids.len(), "_batch acked")
+                            }
+                            Err(e) => {
+                                tracing::error!(site = %dev.site, device = %dev.device, error.message = %e, "batch ack not recorded")
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::debug!(site = %dev.site, device = %dev.device, error.message = %e, "_batch not sent: stays queued")
+            }
+        }
+    }
+
+    /// Runs the disconnect side: devices this socket spoke for are marked disconnected.
+    pub async fn disconnect(&self, site: &SiteConfig, socket: &SocketRef, client: &Client) {
+        if !site.reliable() {
+            return;
+        }
+        let now = now_ms();
+        for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
+            let dev = DeviceKey::new(&site.name, user, &client.device);
+            let owned = {
+                let mut presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+                let owns = presence.get(&dev).is_some_and(|s| s.id == socket.id);
+                if owns {
+                    presence.remove(&dev);
+                }
+                owns
+            };
+            if owned {
+                if let Err(e) = self.store.disconnect(&dev, now).await {
+                    tracing::error!(site = %site.name, device = %dev.device, error.message = %e, "disconnect not recorded");
+                }
+                tracing::info!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, "device disconnected");
+            }
+            if site.public_channel.as_deref() != Some(user.as_str()) {
+                self.callbacks
+                    .presence(site, user, &client.token, Presence::Disconnected);
+            }
+        }
+    }
+
+    /// Forgets expired devices. Run periodically by the sweeper.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let expired = self.store.sweep(self.expiry()).await?;
+        for dev in &expired {
+            tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
+        }
+        Ok(expired.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_event_then_args() {
+        let msg = Message {
+            rooms: vec![],
+            event: "up\"d".into(),
+            args: vec![Value::Null, serde_json::json!({"a":[1]})],
+            resync: false,
+        };
+        assert_eq!(msg.entry(), r#"["up\"d",null,{"a":[1]}]"#);
+        let none = Message { args: vec![], ..msg };
+        assert_eq!(none.entry(), r#"["up\"d"]"#);
+    }
+}

@@ -1,0 +1,61 @@
+//! `ApiError`: every way an HTTP request can fail, and its one mapping to a response.
+//!
+//! A 4xx body is one line saying what the caller did wrong; the two texts the old service had
+//! (`Missing query param 'site' or 'apiKey'.`, `ApiKey invalid.`) are kept byte for byte. A 5xx
+//! body is opaque; the cause is logged in full.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::store::StoreError;
+
+/// Why an HTTP request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// `site` or the API key is absent.
+    #[error("Missing query param 'site' or 'apiKey'.")]
+    MissingSiteOrKey,
+    /// Unknown site or wrong key.
+    #[error("ApiKey invalid.")]
+    InvalidKey,
+    /// The body or a parameter is malformed; the text says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than allowed.
+    #[error("Request body is larger than {max} bytes (server.max_body_bytes).")]
+    TooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The body's content type is not one we read.
+    #[error("Unsupported Content-Type {0:?}: send application/json or application/x-www-form-urlencoded.")]
+    UnsupportedMediaType(String),
+    /// The store could not make the message durable. Nothing was answered 200.
+    #[error("Message not stored: storage unavailable.")]
+    Storage(#[from] StoreError),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingSiteOrKey | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidKey => StatusCode::UNAUTHORIZED,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Storage(StoreError::Io(_)) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Storage(cause) = &self {
+            tracing::error!(error.message = %cause, error.cause_chain = ?cause, "request failed in the store");
+        } else {
+            tracing::info!(status = status.as_u16(), reason = %self, "request refused");
+        }
+        (status, self.to_string()).into_response()
+    }
+}

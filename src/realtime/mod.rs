@@ -1,0 +1,48 @@
+//! socket.io: one namespace per site, with the auth handshake as connect middleware.
+//!
+//! Both protocol generations share the port: engine.io v3 (clients 1.x/2.x) and v4 (3.x/4.x).
+//! `token`, `deviceId` and `meta` are read from the query of the engine.io handshake request,
+//! which both generations send. The root namespace `/` is registered because protocol-v4 clients
+//! are implicitly connected to it; a v5 client asking for it is refused like any unknown
+//! namespace.
+
+mod handlers;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::{ProtocolVersion, SocketIo};
+
+use crate::callbacks::Callbacks;
+use crate::config::{ServerConfig, SiteConfig};
+use crate::delivery::Delivery;
+
+/// Builds the socket.io layer and its handle from the server settings.
+pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
+    SocketIo::builder()
+        .ping_interval(server.ping_interval)
+        .ping_timeout(server.ping_timeout)
+        .ack_timeout(server.ack_timeout)
+        .build_layer()
+}
+
+/// Registers the root namespace and one namespace per site.
+pub fn register(
+    io: &SocketIo,
+    sites: &BTreeMap<String, Arc<SiteConfig>>,
+    delivery: Arc<Delivery>,
+    callbacks: Callbacks,
+) {
+    use socketioxide::extract::SocketRef;
+    use socketioxide::handler::ConnectHandler;
+
+    let root_guard = async |socket: SocketRef| match socket.protocol() {
+        ProtocolVersion::V4 => Ok(()),
+        ProtocolVersion::V5 => Err("Invalid namespace"),
+    };
+    io.ns("/", { async || {} }.with(root_guard));
+    for site in sites.values() {
+        handlers::register_site(io, site.clone(), delivery.clone(), callbacks.clone());
+    }
+}

@@ -1,0 +1,233 @@
+// Test harness: the real sio-push binary, a real HTTP mock of the customer's website, and real
+// socket.io clients (2.x and 4.x). Every wait is bounded.
+import { spawn } from "node:child_process";
+import http from "node:http";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+
+const require = createRequire(import.meta.url);
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const BIN = process.env.SIO_PUSH_BIN || path.resolve(here, "../../target/release/sio-push");
+const clients = { v2: require("socket.io-client-v2"), v4: require("socket.io-client-v4") };
+export const VERSIONS = ["v2", "v4"];
+export const WAIT_MS = 5000;
+
+/** Resolves with `promise`, or rejects after `ms` naming `what`. */
+export function within(promise, what, ms = WAIT_MS) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * The customer's website: GET /auth answers from `tokens` (token -> {status, body} or a room
+ * list), PUT /users/:id records presence callbacks. Every request is recorded.
+ */
+export async function startWebsite() {
+  const site = { tokens: new Map(), requests: [], waiters: [] };
+  site.server = http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => (body += c));
+    req.on("end", () => {
+      const record = { method: req.method, url: req.url, headers: req.headers, body };
+      site.requests.push(record);
+      site.waiters = site.waiters.filter((w) => !(w.pred(record) && (w.resolve(record), true)));
+      if (req.method === "GET" && req.url.startsWith("/auth")) {
+        const token = (req.headers.authorization || "").split(" ").slice(1).join(" ");
+        let answer = site.tokens.get(token) ?? { status: 401, body: "Unauthorized" };
+        if (Array.isArray(answer)) answer = { status: 200, body: JSON.stringify(answer) };
+        res.writeHead(answer.status, { "Content-Type": answer.type || "application/json" });
+        res.end(answer.body);
+      } else if (req.method === "PUT" && req.url.startsWith("/users/")) {
+        res.writeHead(200).end("{}");
+      } else {
+        res.writeHead(404).end();
+      }
+    });
+  });
+  await new Promise((r) => site.server.listen(0, "127.0.0.1", r));
+  site.url = `http://127.0.0.1:${site.server.address().port}`;
+  /** Waits for a recorded request matching `pred` (past or future). */
+  site.waitFor = (pred, what = "a website request") => {
+    const seen = site.requests.find(pred);
+    if (seen) return Promise.resolve(seen);
+    return within(new Promise((resolve) => site.waiters.push({ pred, resolve })), what);
+  };
+  site.close = () => new Promise((r) => site.server.close(r));
+  return site;
+}
+
+/** Env of the old service for one reliable site `shop` backed by `website`. */
+export function oldEnv(website, extra = {}) {
+  return {
+    SITE_NAME: "shop",
+    AUTH_URL: `${website.url}/auth`,
+    AUTH_SCHEME: "Bearer",
+    API_KEY: "secret-key",
+    USER_ROOM_PREFIX: "user_",
+    DEVICE_TTL: "3600",
+    ...extra,
+  };
+}
+
+/**
+ * Starts `sio-push serve` configured only by `env` (plus PORT=0 and SIO_PUSH_DATA_DIR), and
+ * resolves once it logs the address it serves on.
+ */
+export async function startServer(env, { dataDir } = {}) {
+  dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
+  const child = spawn(BIN, ["serve"], {
+    env: { PATH: process.env.PATH, RUST_LOG: "info", PORT: "0", SIO_PUSH_DATA_DIR: dataDir, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const server = { child, dataDir, log: "" };
+  const ready = new Promise((resolve, reject) => {
+    child.stderr.on("data", (chunk) => {
+      server.log += chunk;
+      const m = server.log.match(/serving listen=([\d.]+):(\d+)/);
+      if (m && !server.url) {
+        server.port = Number(m[2]);
+        server.url = `http://127.0.0.1:${server.port}`;
+        resolve(server);
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`sio-push exited (${code}) before serving:\n${server.log}`)));
+  });
+  server.exited = new Promise((r) => child.on("exit", (code, signal) => r({ code, signal })));
+  await within(ready, "sio-push to serve", 15000);
+  /** SIGTERM, and wait for the exit. */
+  server.stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+    return within(server.exited, "sio-push to stop", 25000);
+  };
+  /** SIGKILL, and wait for the exit. */
+  server.kill = async () => {
+    child.kill("SIGKILL");
+    return within(server.exited, "sio-push to die");
+  };
+  server.cleanup = async () => {
+    await server.stop().catch(() => server.kill());
+    rmSync(dataDir, { recursive: true, force: true });
+  };
+  return server;
+}
+
+/** POST /send; returns {status, text}. `body` is an object (JSON) or a string (form). */
+export async function send(server, { site = "shop", apiKey = "secret-key", resync, body, headers = {} }) {
+  const q = new URLSearchParams();
+  if (site !== undefined && site !== null) q.set("site", site);
+  if (apiKey !== undefined && apiKey !== null) q.set("apiKey", apiKey);
+  if (resync !== undefined) q.set("resync", String(resync));
+  const isForm = typeof body === "string";
+  const res = await fetch(`${server.url}/send?${q}`, {
+    method: "POST",
+    headers: { "Content-Type": isForm ? "application/x-www-form-urlencoded" : "application/json", ...headers },
+    body: isForm ? body : JSON.stringify(body),
+  });
+  return { status: res.status, text: await res.text() };
+}
+
+/**
+ * A socket.io client of `version`, connected to `/<site>?token=..&deviceId=..&meta=..` the way
+ * the old service's README shows. Records every event as [event, ...args, ack?].
+ */
+export function client(version, server, { site = "shop", token, deviceId, meta, transports } = {}) {
+  const q = new URLSearchParams();
+  if (token !== undefined) q.set("token", token);
+  if (deviceId !== undefined) q.set("deviceId", deviceId);
+  if (meta !== undefined) q.set("meta", meta);
+  const url = `${server.url}/${site}?${q}`;
+  const opts = { forceNew: true, reconnection: false, ...(transports ? { transports } : {}) };
+  const socket = clients[version](url, opts);
+  const c = { socket, version, events: [], waiters: [] };
+  const record = (args) => {
+    c.events.push(args);
+    c.waiters = c.waiters.filter((w) => !(w.pred(args) && (w.resolve(args), true)));
+  };
+  if (version === "v2") {
+    socket.onevent = function (packet) {
+      const args = packet.data || [];
+      if (packet.id != null) args.push(this.ack(packet.id));
+      record(args);
+    };
+  } else {
+    socket.onAny((...args) => record(args));
+  }
+  /** Resolves on connect, rejects with the refusal message. */
+  c.connected = within(
+    new Promise((resolve, reject) => {
+      socket.on("connect", () => resolve(c));
+      if (version === "v2") socket.on("error", (msg) => reject(new Error(String(msg))));
+      else socket.on("connect_error", (err) => reject(new Error(err.message)));
+    }),
+    `${version} client to connect`,
+  );
+  /** The refusal message (rejects if the connection is accepted). */
+  c.refusal = () =>
+    c.connected.then(
+      () => { throw new Error("connection was accepted"); },
+      (e) => e.message,
+    );
+  /** Waits for an event named `name` (optionally matching `pred`), past or future. */
+  c.waitFor = (name, pred = () => true) => {
+    const match = (args) => args[0] === name && pred(args);
+    const seen = c.events.find(match);
+    if (seen) return Promise.resolve(seen);
+    return within(new Promise((resolve) => c.waiters.push({ pred: match, resolve })), `${version} event ${name}`);
+  };
+  c.close = () => socket.close();
+  return c;
+}
+
+/** Connects and waits for `_settings`, after which the device is registered. */
+export async function ready(version, server, opts) {
+  const c = client(version, server, opts);
+  await c.connected;
+  await c.waitFor("_settings");
+  return c;
+}
+
+/** The ack callback recorded with an event, if any. */
+export function ackOf(args) {
+  const last = args[args.length - 1];
+  return typeof last === "function" ? last : null;
+}
+
+/** The event's arguments without the ack. */
+export function argsOf(args) {
+  return args.slice(1).filter((a) => typeof a !== "function");
+}
+
+/** Waits until the server has recorded the device's disconnect (its log says so). */
+export function disconnected(server, device) {
+  const seen = () => server.log.includes(`device disconnected`) && server.log.match(new RegExp(`device disconnected[^\\n]*device=${device}\\b`));
+  if (seen()) return Promise.resolve();
+  return within(
+    new Promise((resolve) => {
+      const check = () => seen() && (server.child.stderr.off("data", check), resolve());
+      server.child.stderr.on("data", check);
+    }),
+    `disconnect of ${device}`,
+  );
+}
+
+/**
+ * Asserts that nothing was queued for the device: connects it, sends a marker, and checks that
+ * the marker arrives live with no `_batch` before it.
+ */
+export async function queueIsEmpty(version, server, opts, user) {
+  const c = await ready(version, server, opts);
+  const marker = `marker-${Math.random()}`;
+  const res = await send(server, { body: { rooms: [user], event: "marker", args: [marker] } });
+  if (res.status !== 200) throw new Error(`marker send failed: ${res.status} ${res.text}`);
+  const got = await c.waitFor("marker", (a) => a[1] === marker);
+  ackOf(got)?.();
+  const before = c.events.slice(0, c.events.indexOf(got)).map((e) => e[0]);
+  c.close();
+  return !before.includes("_batch");
+}
