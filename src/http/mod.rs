@@ -1,6 +1,6 @@
 //! The HTTP side: `POST /send`, `GET /healthcheck`, the optional demo, and the socket.io layer.
 //!
-//! Request spans carry the method, the matched route and a request id, never the raw URI
+//! Request spans carry the method, the path and a request id, never the raw URI
 //! (its query may carry an API key).
 
 mod demo;
@@ -65,7 +65,7 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
                 .get::<RequestId>()
                 .and_then(|id| id.header_value().to_str().ok())
                 .unwrap_or("-");
-            tracing::debug_span!("http", method = %req.method(), route, request_id = id)
+            tracing::info_span!("http", method = %req.method(), route, request_id = id)
         }))
         .layer(PropagateRequestIdLayer::new(header.clone()))
         .layer(SetRequestIdLayer::new(header, Counter::default()))

@@ -57,6 +57,16 @@ impl State {
         }
     }
 
+    fn pending(&self, dev: &DeviceKey) -> Vec<Queued> {
+        let queue = self.queues.get(dev).into_iter().flatten();
+        queue
+            .map(|(id, entry)| Queued {
+                id: *id,
+                entry: entry.clone(),
+            })
+            .collect()
+    }
+
     fn devices_of(&self, site: &str, user: &str) -> Vec<DeviceKey> {
         self.devices
             .range(DeviceKey::new(site, user, "")..)
@@ -91,18 +101,7 @@ impl Store for MemoryStore {
         let dev = state.devices.entry(device.clone()).or_default();
         dev.connected = true;
         let overflowed = std::mem::take(&mut dev.overflowed);
-        let pending = state
-            .queues
-            .get(device)
-            .map(|q| {
-                q.iter()
-                    .map(|(id, entry)| Queued {
-                        id: *id,
-                        entry: entry.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let pending = state.pending(device);
         Ok(Connected { pending, overflowed })
     }
 
@@ -181,19 +180,7 @@ impl Store for MemoryStore {
     }
 
     async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
-        Ok(self
-            .lock()
-            .queues
-            .get(device)
-            .map(|q| {
-                q.iter()
-                    .map(|(id, entry)| Queued {
-                        id: *id,
-                        entry: entry.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(self.lock().pending(device))
     }
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {

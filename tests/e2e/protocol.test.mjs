@@ -266,3 +266,10 @@ for (const version of VERSIONS) {
     });
   });
 }
+
+test("no token and no API key ever reaches the log", () => {
+  assert.ok(server.log.includes("message stored"), "the log under test is the whole run's");
+  for (const secret of [...Object.keys(TOKENS), "secret-key", "nobody"]) {
+    assert.ok(!server.log.includes(secret), `the log contains ${secret}`);
+  }
+});
