@@ -374,6 +374,76 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::store::MemoryStore;
+
+    const SITE: &str = r#"
+        [sites.shop]
+        auth_url = "http://127.0.0.1:9/auth"
+        api_key = "k"
+        user_room_prefix = "user_"
+        public_channel = "browse"
+    "#;
+
+    async fn delivery_with(users: &[(&str, &[&str])]) -> (Delivery, Arc<SiteConfig>) {
+        let config = Config::from_toml(SITE).unwrap();
+        let store = MemoryStore::new();
+        for (user, rooms) in users {
+            let rooms: Vec<String> = rooms.iter().map(|r| r.to_string()).collect();
+            store.connect(&DeviceKey::new("shop", user, "d"), &rooms).await.unwrap();
+        }
+        let (_svc, io) = SocketIo::new_svc();
+        let callbacks = Callbacks::new(&config.server).unwrap();
+        let settings = Settings {
+            device_ttl: config.server.device_ttl,
+            queue_limits: config.server.queue_limits,
+        };
+        let site = Arc::new(config.sites["shop"].clone());
+        (Delivery::new(Arc::new(store), io, callbacks, settings), site)
+    }
+
+    fn rooms(list: &[&str]) -> Vec<String> {
+        list.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn shared_rooms_expand_case_insensitively_and_targets_are_deduplicated() {
+        let (delivery, site) = delivery_with(&[
+            ("user_1", &["user_1", "Staff"]),
+            ("user_2", &["user_2", "staff", "reviewer"]),
+            ("user_3", &["user_3"]),
+        ])
+        .await;
+        let mut got = delivery
+            .targets(&site, &rooms(&["STAFF", "user_2", "reviewer"]))
+            .await
+            .unwrap();
+        got.sort();
+        assert_eq!(got, ["user_1", "user_2"]);
+        // User rooms and the public channel are targets as named, known or not.
+        let got = delivery
+            .targets(&site, &rooms(&["user_9_admin", "browse", "nobody-here"]))
+            .await
+            .unwrap();
+        assert_eq!(got, ["user_9_admin", "browse"]);
+    }
+
+    #[tokio::test]
+    async fn messages_to_users_that_never_connected_store_nothing() {
+        let (delivery, site) = delivery_with(&[("user_1", &["user_1"])]).await;
+        let msg = Message {
+            rooms: rooms(&["user_2", "staff"]),
+            event: "e".into(),
+            args: vec![],
+            resync: false,
+        };
+        assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent::default());
+        let msg = Message {
+            rooms: rooms(&["user_1"]),
+            ..msg
+        };
+        assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent { stored: 1, live: 0 });
+    }
 
     #[test]
     fn entries_are_event_then_args() {

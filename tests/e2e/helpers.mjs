@@ -89,7 +89,8 @@ export async function startServer(env, { dataDir } = {}) {
   const ready = new Promise((resolve, reject) => {
     child.stderr.on("data", (chunk) => {
       server.log += chunk;
-      const m = server.log.match(/serving listen=([\d.]+):(\d+)/);
+      // Text (`serving listen=ADDR`) or JSON (`"message":"serving","listen":"ADDR"`) logs.
+      const m = server.log.match(/serving"?[ ,]"?listen"?[=:]"?([\d.]+):(\d+)/);
       if (m && !server.url) {
         server.port = Number(m[2]);
         server.url = `http://127.0.0.1:${server.port}`;
@@ -205,7 +206,8 @@ export function argsOf(args) {
 
 /** Waits until the server has recorded the device's disconnect (its log says so). */
 export function disconnected(server, device) {
-  const seen = () => server.log.includes(`device disconnected`) && server.log.match(new RegExp(`device disconnected[^\\n]*device=${device}\\b`));
+  const pattern = new RegExp(`device disconnected[^\\n]*device("?:"|=)${device}\\b`);
+  const seen = () => pattern.test(server.log);
   if (seen()) return Promise.resolve();
   return within(
     new Promise((resolve) => {

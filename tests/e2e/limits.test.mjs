@@ -1,0 +1,105 @@
+// Limits and failing neighbours: queue caps, a slow or dead auth endpoint, a failing presence
+// callback, JSON logs. Each limit is set through the SIO_PUSH_SERVER__* environment.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import http from "node:http";
+import { startWebsite, startServer, oldEnv, client, ready, send, ackOf, disconnected, VERSIONS } from "./helpers.mjs";
+
+let website;
+
+before(async () => {
+  website = await startWebsite();
+  website.tokens.set("t-gina", ["user_7"]);
+});
+after(() => website?.close());
+
+test("a full queue drops its oldest messages and the device gets _resync on its next connect", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_QUEUE_LEN: "3" }));
+  try {
+    for (const version of VERSIONS) {
+      const opts = { token: "t-gina", deviceId: `${version}-full` };
+      (await ready(version, server, opts)).close();
+      await disconnected(server, opts.deviceId);
+      for (let i = 1; i <= 5; i++) {
+        assert.equal((await send(server, { body: { rooms: "user_7", event: "n", args: [i] } })).status, 200);
+      }
+      assert.match(server.log, new RegExp(`queue full[^\\n]*device=${opts.deviceId}`));
+      const c = await ready(version, server, opts);
+      const batch = await c.waitFor("_batch");
+      assert.deepEqual(batch[1], [["n", 3], ["n", 4], ["n", 5]]);
+      assert.ok(c.events.some((e) => e[0] === "_resync"), "told it missed messages");
+      ackOf(batch)();
+      c.close();
+    }
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("an auth endpoint that hangs refuses with 'Auth error: timed out ...' after auth_timeout_ms", async () => {
+  const hanging = http.createServer(() => {}); // never answers
+  await new Promise((r) => hanging.listen(0, "127.0.0.1", r));
+  const server = await startServer(
+    oldEnv(website, { AUTH_URL: `http://127.0.0.1:${hanging.address().port}/auth`, SIO_PUSH_SERVER__AUTH_TIMEOUT_MS: "300" }),
+  );
+  try {
+    for (const version of VERSIONS) {
+      const c = client(version, server, { token: "t-gina" });
+      assert.match(await c.refusal(), /^Auth error: timed out/);
+      c.close();
+    }
+  } finally {
+    await server.cleanup();
+    hanging.closeAllConnections();
+    await new Promise((r) => hanging.close(r));
+  }
+});
+
+test("a dead auth endpoint refuses with 'Auth error: ...' and the service keeps serving", async () => {
+  const closed = http.createServer();
+  await new Promise((r) => closed.listen(0, "127.0.0.1", r));
+  const port = closed.address().port;
+  await new Promise((r) => closed.close(r));
+  const server = await startServer(oldEnv(website, { AUTH_URL: `http://127.0.0.1:${port}/auth` }));
+  try {
+    for (const version of VERSIONS) {
+      const c = client(version, server, { token: "t-gina" });
+      assert.match(await c.refusal(), /^Auth error: /);
+      c.close();
+    }
+    assert.equal((await fetch(`${server.url}/healthcheck`)).status, 200);
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("a failing presence callback is logged and never affects the client", async () => {
+  const server = await startServer(oldEnv(website, { UPDATE_USER_URL: "http://127.0.0.1:9/users/:id" }));
+  try {
+    const c = await ready("v4", server, { token: "t-gina", deviceId: "presence-down" });
+    await send(server, { body: { rooms: "user_7", event: "still", args: [1] } });
+    ackOf(await c.waitFor("still"))();
+    c.close();
+    await disconnected(server, "presence-down");
+    assert.match(server.log, /presence callback failed/);
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("log_format = json writes one JSON object per line", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__LOG_FORMAT: "json" }));
+  try {
+    const c = await ready("v2", server, { token: "t-gina", deviceId: "json-logs" });
+    c.close();
+    await disconnected(server, "json-logs");
+    const lines = server.log.trim().split("\n");
+    const parsed = lines.map((l) => JSON.parse(l));
+    const connected = parsed.find((l) => l.message === "device connected");
+    assert.equal(connected.site, "shop");
+    assert.equal(connected.room, "user_7");
+    assert.equal(connected.device, "json-logs");
+  } finally {
+    await server.cleanup();
+  }
+});
