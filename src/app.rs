@@ -106,12 +106,14 @@ impl Application {
             server,
         } = self;
         tracing::info!(listen = %listener.local_addr()?, "serving");
+        crate::notify::notify("READY=1");
         let tasks = TaskTracker::new();
         tasks.spawn(sweeper(delivery.clone(), server.sweep_interval, shutdown.clone()));
         let closer = {
             let (io, shutdown) = (io.clone(), shutdown.clone());
             tasks.spawn(async move {
                 shutdown.cancelled().await;
+                crate::notify::notify("STOPPING=1");
                 io.close().await;
             })
         };

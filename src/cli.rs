@@ -22,6 +22,25 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Validate the configuration and print the effective settings (secrets masked).
     CheckConfig(ConfigArgs),
+    /// Turn the Node.js service's config.yml, sites.yml and environment into a config.toml.
+    ImportConfig(ImportArgs),
+}
+
+/// Where the old service's configuration is.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The old config.yml (NODE_ENV picks its section; default production).
+    #[arg(long, value_name = "PATH")]
+    pub config_yml: Option<PathBuf>,
+    /// The old sites.yml.
+    #[arg(long, value_name = "PATH")]
+    pub sites_yml: Option<PathBuf>,
+    /// The data directory to write into the result.
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/sio-push")]
+    pub data_dir: PathBuf,
+    /// Write here (mode 0640, as it holds API keys) instead of standard output.
+    #[arg(long, short, value_name = "PATH")]
+    pub output: Option<PathBuf>,
 }
 
 /// Where the configuration comes from.

@@ -414,6 +414,11 @@ fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
     }
 }
 
+/// Validates a merged document as `load` would (used by `import-config` on what it writes).
+pub(crate) fn validate_document(doc: &toml::Table, origin: &str) -> Result<Config, ConfigError> {
+    Config::validate(deserialize(doc.clone(), origin.to_string())?)
+}
+
 fn deserialize(doc: toml::Table, origin: String) -> Result<RawConfig, ConfigError> {
     toml::Value::Table(doc)
         .try_into()
@@ -444,7 +449,7 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
 }
 
 /// Sets a nested key, creating tables on the way (replacing non-tables).
-fn set(doc: &mut toml::Table, path: &[&str], value: toml::Value) {
+pub(crate) fn set(doc: &mut toml::Table, path: &[&str], value: toml::Value) {
     let (last, parents) = path.split_last().expect("non-empty path");
     let mut table = doc;
     for part in parents {
@@ -471,7 +476,7 @@ fn env_value(text: &str) -> toml::Value {
 }
 
 /// Applies the environment to the document; returns warnings about ignored variables.
-fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<Vec<String>, ConfigError> {
+pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<Vec<String>, ConfigError> {
     let mut warnings = Vec::new();
     for (var, value) in env
         .range("SIO_PUSH_".to_string()..)

@@ -2,10 +2,12 @@
 //!
 //! Crate map:
 //! - `cli`: the command line.
+//! - `import`: the old service's YAML configuration turned into our TOML.
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
 //! - `telemetry`: log setup and the span-keeping `spawn_blocking` helper.
 //! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).
 //! - `shutdown`: signals to a cancellation token.
+//! - `notify`: systemd readiness notification.
 //! - `error`: `ApiError` and its one HTTP mapping.
 //! - `http`: `POST /send`, `GET /healthcheck`, the demo, the router.
 //! - `realtime`: socket.io namespaces and the auth handshake.
@@ -21,6 +23,8 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod http;
+pub mod import;
+pub mod notify;
 pub mod realtime;
 pub mod shutdown;
 pub mod store;

@@ -3,8 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sio_push::cli::{Cli, Command};
-use sio_push::{shutdown, telemetry, Config};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use sio_push::cli::{Cli, Command, ImportArgs};
+use sio_push::{import, shutdown, telemetry, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -23,6 +26,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::ImportConfig(args) => import_config(&args),
         Command::Serve(args) => {
             let config = match Config::load(&args.sources()) {
                 Ok(config) => config,
@@ -45,6 +49,50 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn import_config(args: &ImportArgs) -> ExitCode {
+    let env = std::env::vars().collect();
+    let imported = match import::import(
+        args.config_yml.as_deref(),
+        args.sites_yml.as_deref(),
+        &env,
+        &args.data_dir,
+    ) {
+        Ok(imported) => imported,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    let Some(path) = &args.output else {
+        print!("{}", imported.toml);
+        return ExitCode::SUCCESS;
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)
+        .and_then(|mut file| file.write_all(imported.toml.as_bytes()));
+    match written {
+        Ok(()) => {
+            eprintln!(
+                "wrote {}; check it with: sio-push check-config --config {}",
+                path.display(),
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            ExitCode::FAILURE
         }
     }
 }
