@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and integration tests, then the end-to-end suite (the release
-# binary driven by socket.io-client 2.x and 4.x under `node --test`). Installs what it needs.
+# The whole test suite: Rust unit and integration tests, the end-to-end suite (the release binary
+# driven by socket.io-client 2.x and 4.x under `node --test`), then the .deb built, checked and
+# installed for real (as root: it installs and purges the package). Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,11 @@ echo "== cargo build --release"
 cargo build --locked --release
 
 echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
-cd tests/e2e
-npm ci --no-audit --no-fund --loglevel=error
-SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+(
+  cd tests/e2e
+  npm ci --no-audit --no-fund --loglevel=error
+  SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+)
+
+echo "== the .deb: build, lintian, systemd-analyze, install, run, remove, purge"
+packaging/test-package.sh

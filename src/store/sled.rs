@@ -36,11 +36,16 @@ pub struct SledStore {
     stopped: tokio::sync::watch::Receiver<()>,
 }
 
-/// Work for the writer thread. `run` applies the change and returns how to answer the caller
-/// once the round's flush result is known.
-struct Job {
-    durable: bool,
-    run: Box<dyn FnOnce(&Writer) -> Reply + Send>,
+/// Work for the writer thread.
+enum Job {
+    /// A change: `run` applies it and returns how to answer the caller once the round's flush
+    /// result is known.
+    Change {
+        durable: bool,
+        run: Box<dyn FnOnce(&Writer) -> Reply + Send>,
+    },
+    /// Flush what came before and exit.
+    Stop,
 }
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -94,10 +99,12 @@ impl SledStore {
         Ok(Self { tree, jobs, stopped })
     }
 
-    /// Drops this handle and waits until the writer has flushed and released the database, which
-    /// happens once every other clone of the store is gone too.
+    /// Makes the writer flush everything sent before and exit, and waits for it. Later changes
+    /// through any clone fail with `StoreError::Closed`. The database files are released once
+    /// every clone is dropped too.
     pub async fn close(self) {
         let mut stopped = self.stopped.clone();
+        let _ = self.jobs.send(Job::Stop).await;
         drop(self);
         while stopped.changed().await.is_ok() {}
     }
@@ -116,7 +123,7 @@ impl SledStore {
             })
         });
         self.jobs
-            .send(Job { durable, run })
+            .send(Job::Change { durable, run })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -138,7 +145,9 @@ impl SledStore {
 impl Writer {
     fn run(self, mut rx: mpsc::Receiver<Job>) {
         let mut round = Vec::with_capacity(64);
-        while let Some(first) = rx.blocking_recv() {
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else { break };
             round.push(first);
             while round.len() < MAX_ROUND {
                 match rx.try_recv() {
@@ -148,11 +157,10 @@ impl Writer {
             }
             let mut waiting = Vec::with_capacity(round.len());
             for job in round.drain(..) {
-                let reply = (job.run)(&self);
-                if job.durable {
-                    waiting.push(reply);
-                } else {
-                    reply(Ok(()));
+                match job {
+                    Job::Change { durable: true, run } => waiting.push(run(&self)),
+                    Job::Change { durable: false, run } => run(&self)(Ok(())),
+                    Job::Stop => stopping = true,
                 }
             }
             if !waiting.is_empty() {

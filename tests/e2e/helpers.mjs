@@ -77,12 +77,17 @@ export function oldEnv(website, extra = {}) {
 
 /**
  * Starts `sio-push serve` configured only by `env` (plus PORT=0 and SIO_PUSH_DATA_DIR), and
- * resolves once it logs the address it serves on.
+ * resolves once it logs the address it serves on. With `command` ([program, ...args]) that
+ * command runs instead, with `env` alone and in `cwd`, and no data dir is made or removed.
  */
-export async function startServer(env, { dataDir } = {}) {
-  dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
-  const child = spawn(BIN, ["serve"], {
-    env: { PATH: process.env.PATH, RUST_LOG: "info", PORT: "0", SIO_PUSH_DATA_DIR: dataDir, ...env },
+export async function startServer(env, { dataDir, command, cwd } = {}) {
+  const own = !command;
+  if (own) dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
+  const [program, ...args] = command ?? [BIN, "serve"];
+  const extra = own ? { PORT: "0", SIO_PUSH_DATA_DIR: dataDir } : {};
+  const child = spawn(program, args, {
+    env: { PATH: process.env.PATH, RUST_LOG: "info", ...extra, ...env },
+    cwd,
     stdio: ["ignore", "ignore", "pipe"],
   });
   const server = { child, dataDir, log: "" };
@@ -113,7 +118,7 @@ export async function startServer(env, { dataDir } = {}) {
   };
   server.cleanup = async () => {
     await server.stop().catch(() => server.kill());
-    rmSync(dataDir, { recursive: true, force: true });
+    if (own) rmSync(dataDir, { recursive: true, force: true });
   };
   return server;
 }
