@@ -54,6 +54,13 @@ echo "== the installed binary, run as the unit runs it"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 if node --test --test-concurrency=1 packaging/installed.test.mjs; then ok "installed service serves and delivers"; else not_ok "installed service serves and delivers"; fi
 
+echo "== upgrade (reinstall over an edited config and existing data)"
+echo "# edited by the operator" >> /etc/sio-push/config.toml
+check "dpkg -i over the installed package succeeds" dpkg -i "$deb"
+check "the upgrade keeps the operator's config" grep -q '^# edited by the operator' /etc/sio-push/config.toml
+check "the upgrade keeps the data" sh -c "[ -n \"\$(ls -A /var/lib/sio-push)\" ]"
+check "the upgrade keeps the config's owner and mode" mode_owner /etc/sio-push/config.toml "640 root sio-push"
+
 echo "== remove and purge"
 check "dpkg -r removes the package" dpkg -r sio-push
 check "remove keeps the config" test -f /etc/sio-push/config.toml
