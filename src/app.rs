@@ -2,10 +2,11 @@
 //!
 //! Drain order on shutdown: stop accepting HTTP while socket.io closes every socket (their
 //! disconnects are recorded in the store), let in-flight `/send` requests finish, then flush the
-//! store. `server.shutdown_timeout_secs` bounds the whole sequence.
+//! store. `server.shutdown_timeout_secs` bounds the whole sequence. `/readyz` fails from the
+//! moment the drain starts.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -15,30 +16,35 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::History;
 use crate::callbacks::Callbacks;
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, Sources};
 use crate::delivery::{now_ms, Delivery, Settings};
 use crate::http::{self, AppState};
 use crate::realtime;
+use crate::reload::Reloader;
+use crate::sites::Sites;
 use crate::store::{MemoryStore, SledStore, Store};
 
 /// A built, bound, not yet serving instance.
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    admin: Option<(TcpListener, Router)>,
+    state: AppState,
     io: SocketIo,
-    delivery: Arc<Delivery>,
     sled: Option<SledStore>,
-    server: Arc<ServerConfig>,
 }
 
 impl Application {
-    /// Opens the store, wires the services and binds the listen address.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Opens the store, wires the services and binds the listen addresses. With `sources`, the
+    /// configuration can be reloaded (SIGHUP, admin API) from the same sources.
+    pub async fn build(config: Config, sources: Option<Sources>) -> anyhow::Result<Self> {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        let server = Arc::new(config.server);
+        crate::metrics::install();
+        let server = Arc::new(config.server.clone());
         let (store, sled): (Arc<dyn Store>, _) = if server.ephemeral {
             tracing::warn!("ephemeral store: nothing survives a restart");
             (Arc::new(MemoryStore::new()), None)
@@ -57,37 +63,38 @@ impl Application {
 
         let callbacks = Callbacks::new(&server).context("cannot build the HTTP client")?;
         let (layer, io) = realtime::layer(&server);
-        let settings = Settings {
-            device_ttl: server.device_ttl,
-            queue_limits: server.queue_limits,
-        };
+        let settings = Settings { device_ttl: server.device_ttl, queue_limits: server.queue_limits };
         let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
-        let sites: BTreeMap<_, _> = config
-            .sites
-            .into_iter()
-            .map(|(name, site)| (name, Arc::new(site)))
-            .collect();
-        realtime::register(&io, &sites, delivery.clone(), callbacks);
-        for site in sites.values() {
+        let sites = Sites::new(config.sites.values().cloned());
+        realtime::register(&io, &sites, delivery.clone(), callbacks.clone());
+        for site in sites.all() {
             tracing::info!(site = %site.name, reliable = site.reliable(), "site configured");
         }
+        let admin_config = config.admin.clone();
+        let reloader = sources.map(|sources| {
+            Arc::new(Reloader::new(sources, config, sites.clone(), io.clone(), delivery.clone(), callbacks))
+        });
         let state = AppState {
-            sites: Arc::new(sites),
-            delivery: delivery.clone(),
-            server: server.clone(),
-        };
-        let router = http::router(state, layer);
-        let listener = TcpListener::bind(server.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", server.listen))?;
-        Ok(Self {
-            listener,
-            router,
-            io,
+            sites,
             delivery,
-            sled,
-            server,
-        })
+            server: server.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+            reloader,
+            history: Arc::new(History::default()),
+        };
+        let router = http::router(state.clone(), layer);
+        let listener =
+            TcpListener::bind(server.listen).await.with_context(|| format!("cannot listen on {}", server.listen))?;
+        let admin = match admin_config {
+            Some(admin) => {
+                let listener = TcpListener::bind(admin.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {} (admin.listen)", admin.listen))?;
+                Some((listener, crate::admin::router(state.clone(), admin.token)))
+            }
+            None => None,
+        };
+        Ok(Self { listener, router, admin, state, io, sled })
     }
 
     /// The bound address (its port is the real one when the config said port 0).
@@ -97,34 +104,44 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then drains (see the module docs).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self {
-            listener,
-            router,
-            io,
-            delivery,
-            sled,
-            server,
-        } = self;
-        tracing::info!(listen = %listener.local_addr()?, "serving");
-        crate::notify::notify("READY=1");
+        let Self { listener, router, admin, state, io, sled } = self;
+        let server = state.server.clone();
         let tasks = TaskTracker::new();
-        tasks.spawn(sweeper(delivery.clone(), server.sweep_interval, shutdown.clone()));
+        tasks.spawn(sweeper(state.delivery.clone(), server.sweep_interval, shutdown.clone()));
+        if let Some((admin_listener, admin_router)) = admin {
+            tracing::info!(listen = %admin_listener.local_addr()?, "admin API serving");
+            tasks.spawn(state.history.clone().sample_until(shutdown.clone()));
+            let stop = shutdown.clone().cancelled_owned();
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(admin_listener, admin_router).with_graceful_shutdown(stop).await {
+                    tracing::error!(error.message = %e, "admin listener failed");
+                }
+            });
+        }
+        if let Some(reloader) = &state.reloader {
+            reloader.clone().reload_on_sighup(shutdown.clone())?;
+        }
         let closer = {
-            let (io, shutdown) = (io.clone(), shutdown.clone());
+            let (io, shutdown, ready) = (io.clone(), shutdown.clone(), state.ready.clone());
             tasks.spawn(async move {
                 shutdown.cancelled().await;
+                ready.store(false, Ordering::SeqCst);
                 crate::notify::notify("STOPPING=1");
                 io.close().await;
             })
         };
         tasks.close();
 
+        state.ready.store(true, Ordering::SeqCst);
+        tracing::info!(listen = %listener.local_addr()?, "serving");
+        crate::notify::notify("READY=1");
         let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let store = state.delivery.store().clone();
         let drain = async {
             serve.await.context("HTTP server failed")?;
             let _ = closer.await;
             tasks.wait().await;
-            delivery.store().flush().await?;
+            store.flush().await?;
             anyhow::Ok(())
         };
         let result = tokio::select! {
@@ -134,8 +151,7 @@ impl Application {
                 tokio::time::sleep(server.shutdown_timeout).await;
             } => Err(anyhow::anyhow!("shutdown took longer than {:?}", server.shutdown_timeout)),
         };
-        drop(delivery);
-        drop(io);
+        drop((state, io, store));
         if let Some(sled) = sled {
             // Everything acknowledged is already durable; this records what the drain added.
             sled.close().await;

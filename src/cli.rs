@@ -24,6 +24,53 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// Turn the Node.js service's config.yml, sites.yml and environment into a config.toml.
     ImportConfig(ImportArgs),
+    /// Show sites, connections and queues (from the admin API).
+    Status(StatusArgs),
+    /// POST a message to /send (for operations and smoke tests).
+    Send(SendArgs),
+}
+
+/// `sio-push status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Config file to take the admin address and token from [default: /etc/sio-push/config.toml].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Admin API base URL [default: from [admin] listen].
+    #[arg(long, value_name = "URL")]
+    pub admin_url: Option<String>,
+    /// Admin token [default: from [admin] token].
+    #[arg(long, env = "SIO_PUSH_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `sio-push send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The site.
+    #[arg(long)]
+    pub site: String,
+    /// Rooms (repeat, or separate with commas).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub rooms: Vec<String>,
+    /// The event name.
+    #[arg(long)]
+    pub event: String,
+    /// The arguments as JSON: an array is spread, another value is one argument.
+    #[arg(long, value_name = "JSON")]
+    pub args: Option<String>,
+    /// Ask for a resync when acks arrive out of order.
+    #[arg(long)]
+    pub resync: bool,
+    /// Config file to take the address and the site's API key from [default: /etc/sio-push/config.toml].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Base URL of the service [default: from [server] listen].
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// The site's API key [default: from the config].
+    #[arg(long, env = "SIO_PUSH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Where the old service's configuration is.

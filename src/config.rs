@@ -63,6 +63,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The sites, by name (the socket.io namespace without `/`).
     pub sites: BTreeMap<String, SiteConfig>,
+    /// The admin API and status page, when configured.
+    pub admin: Option<AdminConfig>,
     /// Things worth a warning line at startup (ignored settings).
     pub warnings: Vec<String>,
 }
@@ -108,8 +110,17 @@ pub struct ServerConfig {
     pub demo: bool,
 }
 
-/// One customer website (`[sites.<name>]`).
+/// The admin listener (`[admin]`): admin API, status page. Off unless the table is present.
 #[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Its own address; keep it on loopback or a private network.
+    pub listen: SocketAddr,
+    /// The bearer token every admin request must present.
+    pub token: ApiKey,
+}
+
+/// One customer website (`[sites.<name>]`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct SiteConfig {
     /// The site's name and namespace (`/<name>`).
     pub name: String,
@@ -150,10 +161,21 @@ impl ApiKey {
         Self(key.into())
     }
 
+    /// The key itself, for the operator commands that present it. Never log it.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+
     /// Compares with a presented key in time independent of where they differ.
     pub fn matches(&self, presented: &str) -> bool {
         use subtle::ConstantTimeEq;
         self.0.len() == presented.len() && bool::from(self.0.as_bytes().ct_eq(presented.as_bytes()))
+    }
+}
+
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
     }
 }
 
@@ -172,6 +194,20 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     sites: BTreeMap<String, RawSite>,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    token: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:1338".into()
 }
 
 #[derive(Deserialize)]
@@ -266,10 +302,7 @@ impl Config {
         let default = Path::new(DEFAULT_CONFIG_PATH);
         match &sources.file {
             None if default.exists() => {
-                let sources = Sources {
-                    file: Some(default.into()),
-                    ..sources.clone()
-                };
+                let sources = Sources { file: Some(default.into()), ..sources.clone() };
                 Self::load_with_env(&sources, std::env::vars())
             }
             _ => Self::load_with_env(sources, std::env::vars()),
@@ -305,19 +338,16 @@ impl Config {
 
     /// Parses a TOML document alone (no environment), for tests and fuzzing.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let doc = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-            origin: "config".into(),
-            message: one_line(&e),
-        })?;
+        let doc = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse { origin: "config".into(), message: one_line(&e) })?;
         Self::validate(deserialize(doc, "config".into())?)
     }
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let s = raw.server;
-        let listen = s
-            .listen
-            .parse()
-            .map_err(|_| invalid("server.listen", &s.listen, "an address like 0.0.0.0:1337"))?;
+        let listen =
+            s.listen.parse().map_err(|_| invalid("server.listen", &s.listen, "an address like 0.0.0.0:1337"))?;
         let positive = |key: &str, v: u64| -> Result<u64, ConfigError> {
             if v == 0 {
                 Err(invalid(key, &v.to_string(), "a number above 0"))
@@ -352,26 +382,26 @@ impl Config {
         for (name, site) in raw.sites {
             sites.insert(name.clone(), validate_site(name, site)?);
         }
-        Ok(Self {
-            server,
-            sites,
-            warnings: Vec::new(),
-        })
+        let admin = raw.admin.map(validate_admin).transpose()?;
+        Ok(Self { admin, server, sites, warnings: Vec::new() })
     }
+}
+
+fn validate_admin(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+    let listen =
+        raw.listen.parse().map_err(|_| invalid("admin.listen", &raw.listen, "an address like 127.0.0.1:1338"))?;
+    if raw.token.len() < 16 {
+        return Err(invalid("admin.token", "(hidden)", "a secret of at least 16 characters"));
+    }
+    Ok(AdminConfig { listen, token: ApiKey::new(raw.token) })
 }
 
 fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> {
     let key = |field: &str| format!("sites.{name}.{field}");
-    let name_ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
+    let name_ok =
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
     if !name_ok {
-        return Err(invalid(
-            &format!("sites.{name}"),
-            &name,
-            "a site name of letters, digits, '-', '_', '.' or '~'",
-        ));
+        return Err(invalid(&format!("sites.{name}"), &name, "a site name of letters, digits, '-', '_', '.' or '~'"));
     }
     let auth_url = parse_http_url(&key("auth_url"), &raw.auth_url)?;
     if let Some(url) = &raw.update_user_url {
@@ -381,11 +411,7 @@ fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> 
         return Err(invalid(&key("api_key"), "", "a non-empty key"));
     }
     if raw.auth_scheme.contains(['\r', '\n']) {
-        return Err(invalid(
-            &key("auth_scheme"),
-            &raw.auth_scheme,
-            "a single-line word like Bearer",
-        ));
+        return Err(invalid(&key("auth_scheme"), &raw.auth_scheme, "a single-line word like Bearer"));
     }
     let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
     Ok(SiteConfig {
@@ -407,11 +433,7 @@ fn parse_http_url(key: &str, value: &str) -> Result<Url, ConfigError> {
 }
 
 fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        value: value.into(),
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key: key.into(), value: value.into(), reason: reason.into() }
 }
 
 /// Validates a merged document as `load` would (used by `import-config` on what it writes).
@@ -422,30 +444,18 @@ pub(crate) fn validate_document(doc: &toml::Table, origin: &str) -> Result<Confi
 fn deserialize(doc: toml::Table, origin: String) -> Result<RawConfig, ConfigError> {
     toml::Value::Table(doc)
         .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin,
-            message: one_line(&e),
-        })
+        .map_err(|e: toml::de::Error| ConfigError::Parse { origin, message: one_line(&e) })
 }
 
 /// toml's errors span several lines (a source excerpt); keep one.
 fn one_line(e: &toml::de::Error) -> String {
-    e.to_string()
-        .split('\n')
-        .filter(|l| !l.trim().is_empty() && !l.contains('|'))
-        .collect::<Vec<_>>()
-        .join("; ")
+    e.to_string().split('\n').filter(|l| !l.trim().is_empty() && !l.contains('|')).collect::<Vec<_>>().join("; ")
 }
 
 fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-        origin: path.display().to_string(),
-        message: one_line(&e),
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: one_line(&e) })
 }
 
 /// Sets a nested key, creating tables on the way (replacing non-tables).
@@ -453,9 +463,7 @@ pub(crate) fn set(doc: &mut toml::Table, path: &[&str], value: toml::Value) {
     let (last, parents) = path.split_last().expect("non-empty path");
     let mut table = doc;
     for part in parents {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Table::new().into());
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Table::new().into());
         if !entry.is_table() {
             *entry = toml::Table::new().into();
         }
@@ -478,10 +486,7 @@ fn env_value(text: &str) -> toml::Value {
 /// Applies the environment to the document; returns warnings about ignored variables.
 pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<Vec<String>, ConfigError> {
     let mut warnings = Vec::new();
-    for (var, value) in env
-        .range("SIO_PUSH_".to_string()..)
-        .take_while(|(k, _)| k.starts_with("SIO_PUSH_"))
-    {
+    for (var, value) in env.range("SIO_PUSH_".to_string()..).take_while(|(k, _)| k.starts_with("SIO_PUSH_")) {
         let name = &var["SIO_PUSH_".len()..];
         if name == "DATA_DIR" {
             set(doc, &["server", "data_dir"], value.clone().into());
@@ -490,9 +495,7 @@ pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>)
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             set(doc, &path, env_value(value));
         } else {
-            warnings.push(format!(
-                "{var} is not a setting (use SIO_PUSH_<SECTION>__<KEY>): ignored"
-            ));
+            warnings.push(format!("{var} is not a setting (use SIO_PUSH_<SECTION>__<KEY>): ignored"));
         }
     }
 
@@ -501,10 +504,7 @@ pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>)
         warnings.push("REDIS_URL is set but sio-push keeps its data in its embedded store: ignored".into());
     }
     if let Some(port) = env.get("PORT") {
-        let port: u16 = port
-            .trim()
-            .parse()
-            .map_err(|_| invalid("PORT", port, "a TCP port number"))?;
+        let port: u16 = port.trim().parse().map_err(|_| invalid("PORT", port, "a TCP port number"))?;
         let listen = doc
             .get("server")
             .and_then(|s| s.get("listen"))
@@ -515,11 +515,7 @@ pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>)
             .parse::<SocketAddr>()
             .map(|a| a.ip())
             .map_err(|_| invalid("server.listen", &listen, "an address like 0.0.0.0:1337"))?;
-        set(
-            doc,
-            &["server", "listen"],
-            SocketAddr::new(host, port).to_string().into(),
-        );
+        set(doc, &["server", "listen"], SocketAddr::new(host, port).to_string().into());
     }
     if let Some(ttl) = env.get("DEVICE_TTL") {
         let secs: i64 = ttl
@@ -577,16 +573,11 @@ impl fmt::Display for Config {
         writeln!(f, "cache_bytes = {}", s.cache_bytes)?;
         writeln!(f, "sweep_interval_secs = {}", s.sweep_interval.as_secs())?;
         writeln!(f, "shutdown_timeout_secs = {}", s.shutdown_timeout.as_secs())?;
-        writeln!(
-            f,
-            "log_format = \"{}\"",
-            if s.log_format == LogFormat::Json {
-                "json"
-            } else {
-                "text"
-            }
-        )?;
+        writeln!(f, "log_format = \"{}\"", if s.log_format == LogFormat::Json { "json" } else { "text" })?;
         writeln!(f, "demo = {}", s.demo)?;
+        if let Some(admin) = &self.admin {
+            writeln!(f, "\n[admin]\nlisten = \"{}\"\ntoken = (set)", admin.listen)?;
+        }
         for site in self.sites.values() {
             writeln!(f, "\n[sites.{}]", site.name)?;
             writeln!(f, "auth_url = \"{}\"", site.auth_url)?;

@@ -88,25 +88,16 @@ pub fn import(
     let header = "# sio-push configuration, written by `sio-push import-config` from the Node.js service's\n\
                   # configuration. Every key is explained in config.example.toml.\n\n";
     let body = toml::to_string_pretty(&doc).expect("a TOML table serializes");
-    Ok(Imported {
-        toml: format!("{header}{}\n", body.trim_end()),
-        notes,
-    })
+    Ok(Imported { toml: format!("{header}{}\n", body.trim_end()), notes })
 }
 
 fn read_yaml(path: &Path) -> Result<Yaml, ImportError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read { path: path.into(), source })?;
     serde_norway::from_str(&text).map_err(|e| shape(path, &e.to_string()))
 }
 
 fn shape(path: &Path, reason: &str) -> ImportError {
-    ImportError::Shape {
-        path: path.into(),
-        reason: reason.into(),
-    }
+    ImportError::Shape { path: path.into(), reason: reason.into() }
 }
 
 /// A YAML scalar as text (keys like `apiKey: 54321` are numbers in YAML).
@@ -134,10 +125,7 @@ fn import_config(
 ) -> Result<(), ImportError> {
     let yaml = read_yaml(path)?;
     let Some(settings) = yaml.get(section) else {
-        return Err(shape(
-            path,
-            &format!("no `{section}:` section (NODE_ENV picks it; default production)"),
-        ));
+        return Err(shape(path, &format!("no `{section}:` section (NODE_ENV picks it; default production)")));
     };
     let Some(settings) = settings.as_mapping() else {
         return Err(shape(path, &format!("`{section}:` is not a mapping")));
@@ -149,11 +137,7 @@ fn import_config(
                 let port = number(path, "port", value)?;
                 set(doc, &["server", "listen"], format!("0.0.0.0:{port}").into());
             }
-            "device_ttl" => set(
-                doc,
-                &["server", "device_ttl_secs"],
-                number(path, "device_ttl", value)?.into(),
-            ),
+            "device_ttl" => set(doc, &["server", "device_ttl_secs"], number(path, "device_ttl", value)?.into()),
             "io" => {
                 for (io_key, io_value) in value.as_mapping().into_iter().flatten() {
                     let io_key = scalar(io_key).unwrap_or_default();
@@ -165,11 +149,7 @@ fn import_config(
                             continue;
                         }
                     };
-                    set(
-                        doc,
-                        &["server", ours],
-                        number(path, &format!("io.{io_key}"), io_value)?.into(),
-                    );
+                    set(doc, &["server", ours], number(path, &format!("io.{io_key}"), io_value)?.into());
                 }
             }
             "redis" => notes.push("redis: sio-push keeps its data in its embedded store: dropped".into()),

@@ -2,6 +2,7 @@
 //!
 //! Crate map:
 //! - `cli`: the command line.
+//! - `ops`: the operator commands `status` and `send`.
 //! - `import`: the old service's YAML configuration turned into our TOML.
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
 //! - `telemetry`: log setup and the span-keeping `spawn_blocking` helper.
@@ -9,13 +10,18 @@
 //! - `shutdown`: signals to a cancellation token.
 //! - `notify`: systemd readiness notification.
 //! - `error`: `ApiError` and its one HTTP mapping.
+//! - `admin`: the admin API and status page (own listener, bearer token).
 //! - `http`: `POST /send`, `GET /healthcheck`, the demo, the router.
+//! - `sites`: the live set of sites, which reload changes.
+//! - `reload`: SIGHUP and admin reloads.
 //! - `realtime`: socket.io namespaces and the auth handshake.
 //! - `delivery`: persist, fan out, acks, `_batch`, `_resync`, presence.
+//! - `metrics`: Prometheus metrics and the totals behind the status page.
 //! - `callbacks`: calls to the customer's website (auth, presence PUT).
 //! - `store`: the `Store` trait, its sled backend and in-memory twin.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod callbacks;
 pub mod cli;
@@ -24,9 +30,13 @@ pub mod delivery;
 pub mod error;
 pub mod http;
 pub mod import;
+pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod realtime;
+pub mod reload;
 pub mod shutdown;
+pub mod sites;
 pub mod store;
 pub mod telemetry;
 
@@ -35,7 +45,7 @@ pub use config::Config;
 
 use tokio_util::sync::CancellationToken;
 
-/// Builds and runs the service until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    Application::build(config).await?.run_until_stopped(shutdown).await
+/// Builds and runs the service until `shutdown` is cancelled; `sources` are re-read on reload.
+pub async fn run(config: Config, sources: config::Sources, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Application::build(config, Some(sources)).await?.run_until_stopped(shutdown).await
 }

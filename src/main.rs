@@ -6,8 +6,10 @@ use clap::Parser;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
+use anyhow::Context;
 use sio_push::cli::{Cli, Command, ImportArgs};
-use sio_push::{import, shutdown, telemetry, Config};
+use sio_push::config::Sources;
+use sio_push::{import, ops, shutdown, telemetry, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -27,6 +29,25 @@ fn main() -> ExitCode {
             }
         },
         Command::ImportConfig(args) => import_config(&args),
+        Command::Status(args) => operate(args.config.clone(), |config| async move {
+            print!("{}", ops::status(&config, args.admin_url, args.token).await?);
+            Ok(())
+        }),
+        Command::Send(args) => operate(args.config.clone(), |config| async move {
+            let args_json = match &args.args {
+                Some(text) => Some(serde_json::from_str(text).context("--args is not JSON")?),
+                None => None,
+            };
+            let request = ops::SendRequest {
+                site: args.site.clone(),
+                rooms: args.rooms.clone(),
+                event: args.event.clone(),
+                args: args_json,
+                resync: args.resync,
+            };
+            println!("{}", ops::send(&config, args.url, args.api_key, &request).await?);
+            Ok(())
+        }),
         Command::Serve(args) => {
             let config = match Config::load(&args.sources()) {
                 Ok(config) => config,
@@ -40,7 +61,7 @@ fn main() -> ExitCode {
             let result = runtime.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::cancel_on_signal(token.clone())?;
-                sio_push::run(config, token).await
+                sio_push::run(config, args.sources(), token).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -55,12 +76,7 @@ fn main() -> ExitCode {
 
 fn import_config(args: &ImportArgs) -> ExitCode {
     let env = std::env::vars().collect();
-    let imported = match import::import(
-        args.config_yml.as_deref(),
-        args.sites_yml.as_deref(),
-        &env,
-        &args.data_dir,
-    ) {
+    let imported = match import::import(args.config_yml.as_deref(), args.sites_yml.as_deref(), &env, &args.data_dir) {
         Ok(imported) => imported,
         Err(e) => {
             eprintln!("error: {e}");
@@ -83,15 +99,34 @@ fn import_config(args: &ImportArgs) -> ExitCode {
         .and_then(|mut file| file.write_all(imported.toml.as_bytes()));
     match written {
         Ok(()) => {
-            eprintln!(
-                "wrote {}; check it with: sio-push check-config --config {}",
-                path.display(),
-                path.display()
-            );
+            eprintln!("wrote {}; check it with: sio-push check-config --config {}", path.display(), path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: cannot write {}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an operator command with the configuration it takes its defaults from.
+fn operate<F, Fut>(config: Option<std::path::PathBuf>, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match Config::load(&Sources { file: config, ..Sources::default() }) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(command(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -26,6 +26,9 @@ pub enum AuthError {
     /// The call failed or its answer was not a JSON array of strings.
     #[error("Auth error: {0}")]
     Other(String),
+    /// The site was removed by a reload while the client was connecting.
+    #[error("Invalid namespace")]
+    UnknownSite,
     /// Reliable mode, and none of the rooms is a user room or the public channel.
     #[error("User is missing a private room")]
     MissingUserRoom,
@@ -66,11 +69,19 @@ impl Callbacks {
 
     /// Asks the site's auth endpoint for the rooms of the client holding `token`.
     pub async fn rooms(&self, site: &SiteConfig, token: &str, meta: Option<&str>) -> Result<Vec<String>, AuthError> {
-        let _slot = self
-            .auth_slots
-            .acquire()
-            .await
-            .map_err(|_| AuthError::Other("shutting down".into()))?;
+        let _slot = self.auth_slots.acquire().await.map_err(|_| AuthError::Other("shutting down".into()))?;
+        let started = std::time::Instant::now();
+        let result = self.call_auth(site, token, meta).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(AuthError::Failed | AuthError::Status(_)) => "refused",
+            Err(_) => "error",
+        };
+        crate::metrics::auth(&site.name, outcome, started.elapsed());
+        result
+    }
+
+    async fn call_auth(&self, site: &SiteConfig, token: &str, meta: Option<&str>) -> Result<Vec<String>, AuthError> {
         let mut request = self
             .client
             .get(site.auth_url.clone())
@@ -81,19 +92,13 @@ impl Callbacks {
                 .map_err(|_| AuthError::Other("meta holds characters not allowed in a header".into()))?;
             request = request.header("X-META", meta);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
+        let response = request.send().await.map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::UNAUTHORIZED => return Err(AuthError::Failed),
             status => return Err(AuthError::Status(status.as_u16())),
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
+        let body = response.bytes().await.map_err(|e| AuthError::Other(describe(e, self.auth_timeout)))?;
         serde_json::from_slice::<Vec<String>>(&body)
             .map_err(|_| AuthError::Other("the auth endpoint did not answer a JSON array of strings".into()))
     }
@@ -121,12 +126,15 @@ impl Callbacks {
         tokio::spawn(async move {
             match request.send().await {
                 Ok(r) if r.status().is_success() => {
+                    crate::metrics::presence(&site, "ok");
                     tracing::debug!(%site, room = %user, field, "presence callback sent")
                 }
                 Ok(r) => {
+                    crate::metrics::presence(&site, "refused");
                     tracing::warn!(%site, room = %user, field, status = r.status().as_u16(), "presence callback refused")
                 }
                 Err(e) => {
+                    crate::metrics::presence(&site, "error");
                     tracing::warn!(%site, room = %user, field, error.message = %describe(e, timeout), "presence callback failed")
                 }
             }

@@ -33,10 +33,7 @@ fn the_old_services_environment_alone_configures_one_site() {
     assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(config.server.device_ttl, Duration::from_secs(120));
     let site = &config.sites["goodcity"];
-    assert_eq!(
-        site.auth_url.as_str(),
-        "http://127.0.0.1:3000/api/v1/auth/current_user_rooms"
-    );
+    assert_eq!(site.auth_url.as_str(), "http://127.0.0.1:3000/api/v1/auth/current_user_rooms");
     assert_eq!(site.auth_scheme, "Token");
     assert!(site.api_key.matches("k3y") && !site.api_key.matches("k3") && !site.api_key.matches("k3y!"));
     assert_eq!(site.user_room_prefix.as_deref(), Some("user_"));
@@ -72,11 +69,7 @@ fn environment_overrides_the_file_and_flags_override_both() {
         api_key = "other"
         "#,
     );
-    let sources = Sources {
-        file: Some(f.path().into()),
-        data_dir: Some("/tmp/x".into()),
-        ..Sources::default()
-    };
+    let sources = Sources { file: Some(f.path().into()), data_dir: Some("/tmp/x".into()), ..Sources::default() };
     let config = Config::load_with_env(
         &sources,
         env(&[
@@ -105,9 +98,7 @@ fn sio_push_data_dir_sets_the_data_dir() {
 
 #[test]
 fn unknown_keys_are_errors_that_name_the_key() {
-    let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n")
-        .unwrap_err()
-        .to_string();
+    let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n").unwrap_err().to_string();
     assert!(err.contains("listen_addr"), "{err}");
     let err = Config::from_toml("[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"k\"\nauthUrl = \"x\"\n")
         .unwrap_err()
@@ -125,14 +116,8 @@ fn bad_values_name_the_key_the_value_and_what_is_accepted() {
         ("[server]\ndevice_ttl_secs = -1", "device_ttl_secs"),
         ("[server]\nlog_format = \"xml\"", "xml"),
         ("[sites.a]\nauth_url = \"ftp://a\"\napi_key = \"k\"", "sites.a.auth_url"),
-        (
-            "[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"\"",
-            "sites.a.api_key",
-        ),
-        (
-            "[sites.\"a/b\"]\nauth_url = \"http://a.test\"\napi_key = \"k\"",
-            "sites.a/b",
-        ),
+        ("[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"\"", "sites.a.api_key"),
+        ("[sites.\"a/b\"]\nauth_url = \"http://a.test\"\napi_key = \"k\"", "sites.a/b"),
         ("[sites.a]\napi_key = \"k\"", "auth_url"),
     ];
     for (text, needle) in cases {
@@ -147,13 +132,9 @@ fn bad_values_name_the_key_the_value_and_what_is_accepted() {
 
 #[test]
 fn empty_optional_settings_mean_unset() {
-    let config = from_env(&[
-        ("SITE_NAME", "s"),
-        ("AUTH_URL", "http://a.test"),
-        ("API_KEY", "k"),
-        ("USER_ROOM_PREFIX", ""),
-    ])
-    .unwrap();
+    let config =
+        from_env(&[("SITE_NAME", "s"), ("AUTH_URL", "http://a.test"), ("API_KEY", "k"), ("USER_ROOM_PREFIX", "")])
+            .unwrap();
     assert!(!config.sites["s"].reliable());
     assert_eq!(config.sites["s"].auth_scheme, "Bearer");
 }
@@ -180,4 +161,17 @@ fn the_example_config_is_valid() {
     let config = Config::from_toml(&text).unwrap();
     assert!(config.server.demo);
     assert!(config.sites.contains_key("demo"));
+}
+
+#[test]
+fn the_admin_listener_is_off_unless_configured_and_needs_a_real_token() {
+    assert!(Config::from_toml("").unwrap().admin.is_none());
+    let config = Config::from_toml("[admin]\ntoken = \"0123456789abcdef\"\n").unwrap();
+    let admin = config.admin.as_ref().unwrap();
+    assert_eq!(admin.listen.to_string(), "127.0.0.1:1338");
+    assert!(admin.token.matches("0123456789abcdef"));
+    assert!(!config.to_string().contains("0123456789abcdef"));
+    let err = Config::from_toml("[admin]\ntoken = \"short\"\n").unwrap_err().to_string();
+    assert!(err.contains("admin.token") && !err.contains("short"), "{err}");
+    assert!(Config::from_toml("[admin]\nlisten = \"x\"\ntoken = \"0123456789abcdef\"\n").is_err());
 }

@@ -21,6 +21,7 @@ use socketioxide::SocketIo;
 
 use crate::callbacks::{Callbacks, Presence};
 use crate::config::SiteConfig;
+use crate::metrics;
 use crate::store::{CheckedAck, DeviceKey, Expiry, Millis, QueueLimits, Store, StoreError};
 
 pub use self::ack::acked;
@@ -108,21 +109,18 @@ impl serde::Serialize for Spread<'_> {
 
 /// The current time in milliseconds since the epoch.
 pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
 }
 
 impl Delivery {
     /// Builds the service over a store and the socket.io handle.
     pub fn new(store: Arc<dyn Store>, io: SocketIo, callbacks: Callbacks, settings: Settings) -> Self {
-        Self {
-            store,
-            io,
-            callbacks,
-            settings,
-            presence: Mutex::default(),
-        }
+        Self { store, io, callbacks, settings, presence: Mutex::default() }
+    }
+
+    /// Connected sockets of a site.
+    pub fn socket_count(&self, site: &str) -> usize {
+        self.io.of(format!("/{site}")).map_or(0, |ns| ns.sockets().len())
     }
 
     /// The store, for background jobs.
@@ -131,18 +129,11 @@ impl Delivery {
     }
 
     fn expiry(&self) -> Expiry {
-        Expiry {
-            now: now_ms(),
-            ttl_ms: self.settings.device_ttl.as_millis() as u64,
-        }
+        Expiry { now: now_ms(), ttl_ms: self.settings.device_ttl.as_millis() as u64 }
     }
 
     fn live_socket(&self, device: &DeviceKey) -> Option<SocketRef> {
-        self.presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(device)
-            .cloned()
+        self.presence.lock().unwrap_or_else(|p| p.into_inner()).get(device).cloned()
     }
 
     /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
@@ -157,16 +148,13 @@ impl Delivery {
             return Ok(Sent::default());
         }
         let entry: Arc<str> = msg.entry().into();
-        let out = self
-            .store
-            .enqueue(&site.name, &users, entry, self.expiry(), self.settings.queue_limits)
-            .await?;
-        for dev in &out.expired {
-            tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
-        }
+        let out = self.store.enqueue(&site.name, &users, entry, self.expiry(), self.settings.queue_limits).await?;
+        out.expired.iter().for_each(forgotten);
         for (dev, dropped) in &out.overflowed {
             tracing::warn!(site = %dev.site, room = %dev.user, device = %dev.device, dropped, "queue full: oldest messages dropped, device will get _resync");
+            metrics::dropped(&dev.site, *dropped);
         }
+        metrics::stored(&site.name, out.devices.len() as u64);
         let mut live = 0;
         for dev in out.devices.iter() {
             let Some(socket) = self.live_socket(dev) else { continue };
@@ -181,13 +169,14 @@ impl Delivery {
                         }
                         let result = if resync {
                             store.ack_checked(&dev, id, &event).await.map(|outcome| {
+                                metrics::acked(&dev.site, 1);
                                 if let CheckedAck::Resync { cleared } = outcome {
                                     tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, %event, cleared, "ack out of order: queue of the event cleared, _resync sent");
-                                    let _ = socket.emit("_resync", &Spread(&[]));
+                                    send_resync(&socket, &dev.site);
                                 }
                             })
                         } else {
-                            store.ack(&dev, &[id]).await
+                            store.ack(&dev, &[id]).await.map(|()| metrics::acked(&dev.site, 1))
                         };
                         match result {
                             Ok(()) => {
@@ -204,11 +193,9 @@ impl Delivery {
                 }
             }
         }
+        metrics::delivered_live(&site.name, live as u64);
         tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored = out.devices.len(), live, "message stored");
-        Ok(Sent {
-            stored: out.devices.len(),
-            live,
-        })
+        Ok(Sent { stored: out.devices.len(), live })
     }
 
     /// The user rooms a message goes to: its user rooms, and the users of its shared rooms.
@@ -255,10 +242,7 @@ impl Delivery {
             for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
                 let dev = DeviceKey::new(&site.name, user, &client.device);
                 // Take over before reading the queue: a message stored from now on is emitted live.
-                self.presence
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(dev.clone(), socket.clone());
+                self.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(dev.clone(), socket.clone());
                 match self.store.connect(&dev, &client.rooms).await {
                     Ok(connected) => registered.push((dev, connected)),
                     Err(e) => {
@@ -274,7 +258,7 @@ impl Delivery {
         for (dev, connected) in registered {
             tracing::info!(site = %site.name, room = %dev.user, device = %dev.device, sid = %socket.id, queued = connected.pending.len(), "device connected");
             if connected.overflowed {
-                let _ = socket.emit("_resync", &Spread(&[]));
+                send_resync(&socket, &site.name);
             }
             let user = dev.user.clone();
             if !connected.pending.is_empty() {
@@ -312,11 +296,13 @@ impl Delivery {
         match socket.emit_with_ack::<_, Value>("_batch", &batch) {
             Ok(ack) => {
                 tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, messages = ids.len(), "_batch sent");
+                metrics::delivered_batch(&dev.site, ids.len() as u64);
                 let store = self.store.clone();
                 tokio::spawn(async move {
                     if acked(ack).await {
                         match store.ack(&dev, &ids).await {
                             Ok(()) => {
+                                metrics::acked(&dev.site, ids.len() as u64);
                                 tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, messages = ids.len(), "_batch acked")
                             }
                             Err(e) => {
@@ -355,8 +341,7 @@ impl Delivery {
                 tracing::info!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, "device disconnected");
             }
             if site.public_channel.as_deref() != Some(user.as_str()) {
-                self.callbacks
-                    .presence(site, user, &client.token, Presence::Disconnected);
+                self.callbacks.presence(site, user, &client.token, Presence::Disconnected);
             }
         }
     }
@@ -364,10 +349,21 @@ impl Delivery {
     /// Forgets expired devices. Run periodically by the sweeper.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let expired = self.store.sweep(self.expiry()).await?;
-        for dev in &expired {
-            tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
-        }
+        expired.iter().for_each(forgotten);
         Ok(expired.len())
+    }
+}
+
+/// Logs and counts a device forgotten after `device_ttl`.
+fn forgotten(dev: &DeviceKey) {
+    tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
+    metrics::expired(&dev.site);
+}
+
+/// Tells a client to resync (no arguments).
+fn send_resync(socket: &SocketRef, site: &str) {
+    if socket.emit("_resync", &Spread(&[])).is_ok() {
+        metrics::resync(site);
     }
 }
 
@@ -394,10 +390,7 @@ mod tests {
         }
         let (_svc, io) = SocketIo::new_svc();
         let callbacks = Callbacks::new(&config.server).unwrap();
-        let settings = Settings {
-            device_ttl: config.server.device_ttl,
-            queue_limits: config.server.queue_limits,
-        };
+        let settings = Settings { device_ttl: config.server.device_ttl, queue_limits: config.server.queue_limits };
         let site = Arc::new(config.sites["shop"].clone());
         (Delivery::new(Arc::new(store), io, callbacks, settings), site)
     }
@@ -414,34 +407,20 @@ mod tests {
             ("user_3", &["user_3"]),
         ])
         .await;
-        let mut got = delivery
-            .targets(&site, &rooms(&["STAFF", "user_2", "reviewer"]))
-            .await
-            .unwrap();
+        let mut got = delivery.targets(&site, &rooms(&["STAFF", "user_2", "reviewer"])).await.unwrap();
         got.sort();
         assert_eq!(got, ["user_1", "user_2"]);
         // User rooms and the public channel are targets as named, known or not.
-        let got = delivery
-            .targets(&site, &rooms(&["user_9_admin", "browse", "nobody-here"]))
-            .await
-            .unwrap();
+        let got = delivery.targets(&site, &rooms(&["user_9_admin", "browse", "nobody-here"])).await.unwrap();
         assert_eq!(got, ["user_9_admin", "browse"]);
     }
 
     #[tokio::test]
     async fn messages_to_users_that_never_connected_store_nothing() {
         let (delivery, site) = delivery_with(&[("user_1", &["user_1"])]).await;
-        let msg = Message {
-            rooms: rooms(&["user_2", "staff"]),
-            event: "e".into(),
-            args: vec![],
-            resync: false,
-        };
+        let msg = Message { rooms: rooms(&["user_2", "staff"]), event: "e".into(), args: vec![], resync: false };
         assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent::default());
-        let msg = Message {
-            rooms: rooms(&["user_1"]),
-            ..msg
-        };
+        let msg = Message { rooms: rooms(&["user_1"]), ..msg };
         assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent { stored: 1, live: 0 });
     }
 

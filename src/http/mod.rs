@@ -1,13 +1,14 @@
-//! The HTTP side: `POST /send`, `GET /healthcheck`, the optional demo, and the socket.io layer.
+//! The HTTP side: `POST /send`, `GET /healthcheck`, `/readyz` and `/metrics`, the optional
+//! demo, and the socket.io layer.
 //!
 //! Request spans carry the method, the path and a request id, never the raw URI
 //! (its query may carry an API key).
 
 mod demo;
-mod health;
+pub(crate) mod health;
 pub mod publish;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::http::{HeaderValue, Request};
@@ -18,18 +19,27 @@ use tower_http::cors::CorsLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::config::{ServerConfig, SiteConfig};
+use crate::admin::History;
+use crate::config::ServerConfig;
 use crate::delivery::Delivery;
+use crate::reload::Reloader;
+use crate::sites::Sites;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    /// The sites, by name.
-    pub sites: Arc<std::collections::BTreeMap<String, Arc<SiteConfig>>>,
+    /// The sites, by name; reload changes them.
+    pub sites: Sites,
     /// The delivery service.
     pub delivery: Arc<Delivery>,
     /// Server settings (limits).
     pub server: Arc<ServerConfig>,
+    /// Serving and not draining (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+    /// Applies a new configuration, when the service knows where its configuration came from.
+    pub reloader: Option<Arc<Reloader>>,
+    /// Recent totals, for the status page's rates.
+    pub history: Arc<History>,
 }
 
 /// Request ids: a process-wide counter, short and unique per run.
@@ -48,7 +58,9 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
     let mut app = Router::new()
         .route("/send", post(publish::send))
-        .route("/healthcheck", get(health::healthcheck));
+        .route("/healthcheck", get(health::healthcheck))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics));
     if demo {
         app = app.merge(demo::routes());
     }
@@ -60,11 +72,7 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             // The path only: the query may hold an API key or a token.
             let route = req.uri().path();
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .and_then(|id| id.header_value().to_str().ok())
-                .unwrap_or("-");
+            let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!("http", method = %req.method(), route, request_id = id)
         }))
         .layer(PropagateRequestIdLayer::new(header.clone()))

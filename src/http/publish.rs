@@ -26,21 +26,17 @@ pub async fn send(State(state): State<AppState>, request: Request<Body>) -> Resu
         return Err(ApiError::MissingSiteOrKey);
     };
     let site = match state.sites.get(site) {
-        Some(s) if s.api_key.matches(key) => s.clone(),
+        Some(s) if s.api_key.matches(key) => s,
         _ => return Err(ApiError::InvalidKey),
     };
+    let started = std::time::Instant::now();
     let max = state.server.max_body_bytes;
-    let body = axum::body::to_bytes(body, max)
-        .await
-        .map_err(|_| ApiError::TooLarge { max })?;
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let body = axum::body::to_bytes(body, max).await.map_err(|_| ApiError::TooLarge { max })?;
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let resync = parse_bool("resync", params.resync.as_deref())?;
     let msg = parse_message(content_type, &body, resync, state.server.max_rooms_per_request)?;
     state.delivery.send(&site, &msg).await?;
+    crate::metrics::accepted(&site.name, started.elapsed());
     Ok("OK")
 }
 
@@ -79,9 +75,9 @@ fn parse_bool(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
     match value.map(str::trim) {
         None | Some("") | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") => Ok(true),
-        Some(other) => Err(ApiError::BadRequest(format!(
-            "Query param '{name}' must be true, false, 1 or 0, not {other:?}."
-        ))),
+        Some(other) => {
+            Err(ApiError::BadRequest(format!("Query param '{name}' must be true, false, 1 or 0, not {other:?}.")))
+        }
     }
 }
 
@@ -96,9 +92,7 @@ pub fn parse_message(content_type: &str, body: &[u8], resync: bool, max_rooms: u
         other => return Err(ApiError::UnsupportedMediaType(other.into())),
     };
     let Value::Object(mut doc) = doc else {
-        return Err(ApiError::BadRequest(
-            "Body must be an object with 'rooms', 'event' and 'args'.".into(),
-        ));
+        return Err(ApiError::BadRequest("Body must be an object with 'rooms', 'event' and 'args'.".into()));
     };
     let event = match doc.remove("event") {
         Some(Value::String(e)) if !e.is_empty() => e,
@@ -134,12 +128,7 @@ pub fn parse_message(content_type: &str, body: &[u8], resync: bool, max_rooms: u
         Some(Value::Array(args)) => args,
         Some(one) => vec![one],
     };
-    Ok(Message {
-        rooms,
-        event,
-        args,
-        resync,
-    })
+    Ok(Message { rooms, event, args, resync })
 }
 
 /// Parses a form body the way the `qs` package does for Express: `a[]=x` appends, `a[0]=x` and
@@ -150,9 +139,7 @@ fn parse_form(body: &[u8]) -> Result<Value, ApiError> {
     for (key, value) in form_urlencoded::parse(body) {
         let (head, path) = split_key(&key);
         if path.len() > MAX_FORM_DEPTH {
-            return Err(ApiError::BadRequest(format!(
-                "Form key {key:?} nests deeper than {MAX_FORM_DEPTH} levels."
-            )));
+            return Err(ApiError::BadRequest(format!("Form key {key:?} nests deeper than {MAX_FORM_DEPTH} levels.")));
         }
         insert(&mut root, head, &path, Value::String(value.into_owned()))?;
     }
@@ -202,32 +189,22 @@ fn insert(map: &mut Map<String, Value>, key: &str, path: &[&str], value: Value) 
         // `a=x&a[b]=y`: qs would merge; a body like that is a mistake worth naming.
         _ => return Err(conflict(key)),
     };
-    let next_key = if next.is_empty() {
-        child.len().to_string()
-    } else {
-        (*next).to_owned()
-    };
+    let next_key = if next.is_empty() { child.len().to_string() } else { (*next).to_owned() };
     insert(child, &next_key, rest, value)
 }
 
 fn conflict(key: &str) -> ApiError {
-    ApiError::BadRequest(format!(
-        "Form key {key:?} is given both as a value and as a nested object."
-    ))
+    ApiError::BadRequest(format!("Form key {key:?} is given both as a value and as a nested object."))
 }
 
 fn arrays_from_indices(value: Value) -> Value {
     match value {
         Value::Object(map) => {
-            let all_indices = !map.is_empty()
-                && map
-                    .keys()
-                    .all(|k| k.parse::<usize>().is_ok_and(|i| i.to_string() == *k));
+            let all_indices =
+                !map.is_empty() && map.keys().all(|k| k.parse::<usize>().is_ok_and(|i| i.to_string() == *k));
             if all_indices {
-                let mut items: Vec<(usize, Value)> = map
-                    .into_iter()
-                    .map(|(k, v)| (k.parse().expect("checked above"), arrays_from_indices(v)))
-                    .collect();
+                let mut items: Vec<(usize, Value)> =
+                    map.into_iter().map(|(k, v)| (k.parse().expect("checked above"), arrays_from_indices(v))).collect();
                 items.sort_by_key(|(i, _)| *i);
                 Value::Array(items.into_iter().map(|(_, v)| v).collect())
             } else {

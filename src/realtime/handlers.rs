@@ -4,11 +4,13 @@ use std::sync::Arc;
 
 use socketioxide::extract::SocketRef;
 use socketioxide::handler::ConnectHandler;
-use socketioxide::SocketIo;
+use socketioxide::{ProtocolVersion, SocketIo};
 
 use crate::callbacks::{AuthError, Callbacks};
 use crate::config::SiteConfig;
 use crate::delivery::{Client, Delivery};
+use crate::metrics;
+use crate::sites::Sites;
 
 /// Longest `deviceId` accepted; longer ones are refused as an auth error.
 const MAX_DEVICE_ID: usize = 1024;
@@ -37,45 +39,53 @@ fn query(socket: &SocketRef) -> Query {
     q
 }
 
-/// Registers `/<site>` with the auth middleware and the connect handler.
-pub(super) fn register_site(io: &SocketIo, site: Arc<SiteConfig>, delivery: Arc<Delivery>, callbacks: Callbacks) {
-    let path = format!("/{}", site.name);
-    let auth_site = site.clone();
+/// Registers `/<name>` with the auth middleware and the connect handler. The site's settings
+/// are looked up in `sites` at each connection, so a reload's changes apply to the next one.
+pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Delivery>, callbacks: Callbacks) {
+    let path = format!("/{name}");
+    let name = name.to_owned();
     let authenticate = async move |socket: SocketRef| -> Result<(), AuthError> {
-        let site = &auth_site;
-        let q = query(&socket);
         let refuse = |e: AuthError| {
-            tracing::info!(site = %site.name, sid = %socket.id, reason = %e, "connection refused");
+            tracing::info!(site = %name, sid = %socket.id, reason = %e, "connection refused");
             e
         };
+        let Some(site) = sites.get(&name) else {
+            return Err(refuse(AuthError::UnknownSite));
+        };
+        let q = query(&socket);
         if q.device.len() > MAX_DEVICE_ID {
-            return Err(refuse(AuthError::Other(format!(
-                "deviceId is longer than {MAX_DEVICE_ID} bytes"
-            ))));
+            return Err(refuse(AuthError::Other(format!("deviceId is longer than {MAX_DEVICE_ID} bytes"))));
         }
-        let rooms = callbacks
-            .rooms(site, &q.token, q.meta.as_deref())
-            .await
-            .map_err(refuse)?;
+        let rooms = callbacks.rooms(&site, &q.token, q.meta.as_deref()).await.map_err(refuse)?;
         if site.reliable() && !rooms.iter().any(|r| site.is_user_room(r)) {
             return Err(refuse(AuthError::MissingUserRoom));
         }
-        socket.extensions.insert(Client {
-            token: q.token,
-            device: q.device,
-            rooms,
-        });
+        socket.extensions.insert(Client { token: q.token, device: q.device, rooms });
+        socket.extensions.insert(site);
         Ok(())
     };
     let on_connect = async move |socket: SocketRef| {
-        let Some(client) = socket.extensions.get::<Client>() else {
+        let (Some(client), Some(site)) =
+            (socket.extensions.get::<Client>(), socket.extensions.get::<Arc<SiteConfig>>())
+        else {
             return;
         };
+        let protocol = protocol_label(&socket);
+        metrics::socket(&site.name, protocol, 1.0);
         let (site_d, delivery_d, client_d) = (site.clone(), delivery.clone(), client.clone());
         socket.on_disconnect(async move |socket: SocketRef| {
+            metrics::socket(&site_d.name, protocol, -1.0);
             delivery_d.disconnect(&site_d, &socket, &client_d).await;
         });
         delivery.connect(&site, socket, &client).await;
     };
     io.ns(path, on_connect.with(authenticate));
+}
+
+/// `v4` for clients 1.x/2.x, `v5` for 3.x/4.x: the socket.io protocol revision.
+fn protocol_label(socket: &SocketRef) -> &'static str {
+    match socket.protocol() {
+        ProtocolVersion::V4 => "v4",
+        ProtocolVersion::V5 => "v5",
+    }
 }

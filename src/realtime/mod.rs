@@ -8,15 +8,17 @@
 
 mod handlers;
 
-use std::collections::BTreeMap;
+pub use handlers::register_site;
+
 use std::sync::Arc;
 
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{ProtocolVersion, SocketIo};
 
 use crate::callbacks::Callbacks;
-use crate::config::{ServerConfig, SiteConfig};
+use crate::config::ServerConfig;
 use crate::delivery::Delivery;
+use crate::sites::Sites;
 
 /// Builds the socket.io layer and its handle from the server settings.
 pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
@@ -28,12 +30,7 @@ pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
 }
 
 /// Registers the root namespace and one namespace per site.
-pub fn register(
-    io: &SocketIo,
-    sites: &BTreeMap<String, Arc<SiteConfig>>,
-    delivery: Arc<Delivery>,
-    callbacks: Callbacks,
-) {
+pub fn register(io: &SocketIo, sites: &Sites, delivery: Arc<Delivery>, callbacks: Callbacks) {
     use socketioxide::extract::SocketRef;
     use socketioxide::handler::ConnectHandler;
 
@@ -42,7 +39,7 @@ pub fn register(
         ProtocolVersion::V5 => Err("Invalid namespace"),
     };
     io.ns("/", { async || {} }.with(root_guard));
-    for site in sites.values() {
-        handlers::register_site(io, site.clone(), delivery.clone(), callbacks.clone());
+    for site in sites.all() {
+        register_site(io, &site.name, sites.clone(), delivery.clone(), callbacks.clone());
     }
 }

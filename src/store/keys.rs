@@ -10,9 +10,9 @@
 //! | `d`  | site, user room, device        | `DeviceState` (JSON)       |
 //! | `u`  | site, user room                | room list (JSON)           |
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
-//! | `q`  | site, user room, device, id    | entry `[event, ...args]`   |
+//! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), then the entry `[event, ...args]` |
 
-use super::{DeviceKey, MessageId, StoreError};
+use super::{DeviceKey, MessageId, Millis, StoreError};
 
 pub(super) const DEVICE: u8 = b'd';
 pub(super) const USER: u8 = b'u';
@@ -27,10 +27,8 @@ pub(super) fn key(kind: u8, parts: &[&str]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 2).sum::<usize>() + 8);
     out.push(kind);
     for part in parts {
-        let len = u16::try_from(part.len()).map_err(|_| StoreError::TooLong {
-            what: "a site, room or device name",
-            max: MAX_PART,
-        })?;
+        let len = u16::try_from(part.len())
+            .map_err(|_| StoreError::TooLong { what: "a site, room or device name", max: MAX_PART })?;
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(part.as_bytes());
     }
@@ -70,6 +68,25 @@ pub(super) fn queued(queue_prefix: &[u8], id: MessageId) -> Vec<u8> {
     out.extend_from_slice(queue_prefix);
     out.extend_from_slice(&id.to_be_bytes());
     out
+}
+
+/// A queue value: when it was queued, then the entry.
+pub(super) fn queued_value(at: Millis, entry: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + entry.len());
+    out.extend_from_slice(&at.to_be_bytes());
+    out.extend_from_slice(entry.as_bytes());
+    out
+}
+
+/// The two halves of a queue value; `None` if it is not well formed.
+pub(super) fn split_queued_value(value: &[u8]) -> Option<(Millis, &str)> {
+    let at: [u8; 8] = value.get(..8)?.try_into().ok()?;
+    Some((Millis::from_be_bytes(at), std::str::from_utf8(&value[8..]).ok()?))
+}
+
+/// The entry's length in a queue value (what `queue_bytes` counts).
+pub(super) fn queued_entry_len(value: &[u8]) -> u64 {
+    value.len().saturating_sub(8) as u64
 }
 
 /// Splits a key into its parts (after the kind byte); `None` if it is not well formed.
@@ -141,14 +158,17 @@ mod tests {
     }
 
     #[test]
+    fn queue_values_round_trip() {
+        let value = queued_value(1_700_000_000_123, r#"["e",1]"#);
+        assert_eq!(split_queued_value(&value), Some((1_700_000_000_123, r#"["e",1]"#)));
+        assert_eq!(queued_entry_len(&value), 7);
+        assert_eq!(split_queued_value(b"short"), None);
+    }
+
+    #[test]
     fn shared_rooms_are_indexed_lowercase() {
-        assert_eq!(
-            room("s", "Staff", "user_1").unwrap(),
-            room("s", "staff", "user_1").unwrap()
-        );
-        assert!(room("s", "STAFF", "u")
-            .unwrap()
-            .starts_with(&room_members("s", "staff").unwrap()));
+        assert_eq!(room("s", "Staff", "user_1").unwrap(), room("s", "staff", "user_1").unwrap());
+        assert!(room("s", "STAFF", "u").unwrap().starts_with(&room_members("s", "staff").unwrap()));
     }
 
     #[test]

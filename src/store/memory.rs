@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis, QueueLimits,
-    Queued, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
+    QueueLimits, Queued, SiteStats, Store, StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -25,7 +25,7 @@ struct State {
     devices: BTreeMap<DeviceKey, DeviceState>,
     /// (site, user room) -> that user's latest room list.
     users: BTreeMap<(String, String), Vec<String>>,
-    queues: HashMap<DeviceKey, BTreeMap<MessageId, Arc<str>>>,
+    queues: HashMap<DeviceKey, BTreeMap<MessageId, Queued>>,
     next_id: MessageId,
 }
 
@@ -58,13 +58,7 @@ impl State {
     }
 
     fn pending(&self, dev: &DeviceKey) -> Vec<Queued> {
-        let queue = self.queues.get(dev).into_iter().flatten();
-        queue
-            .map(|(id, entry)| Queued {
-                id: *id,
-                entry: entry.clone(),
-            })
-            .collect()
+        self.queues.get(dev).map(|q| q.values().cloned().collect()).unwrap_or_default()
     }
 
     fn devices_of(&self, site: &str, user: &str) -> Vec<DeviceKey> {
@@ -81,9 +75,9 @@ impl State {
         };
         let mut removed = 0;
         for id in ids {
-            if let Some(entry) = queue.remove(&id) {
+            if let Some(queued) = queue.remove(&id) {
                 state.queue_len -= 1;
-                state.queue_bytes -= entry.len() as u64;
+                state.queue_bytes -= queued.entry.len() as u64;
                 removed += 1;
             }
         }
@@ -95,9 +89,7 @@ impl State {
 impl Store for MemoryStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let mut state = self.lock();
-        state
-            .users
-            .insert((device.site.clone(), device.user.clone()), rooms.to_vec());
+        state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
         let dev = state.devices.entry(device.clone()).or_default();
         dev.connected = true;
         let overflowed = std::mem::take(&mut dev.overflowed);
@@ -145,10 +137,7 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
-        let mut out = Enqueued {
-            id,
-            ..Enqueued::default()
-        };
+        let mut out = Enqueued { id, ..Enqueued::default() };
         for user in users {
             for dev in state.devices_of(site, user) {
                 if expiry.is_expired(&state.devices[&dev]) {
@@ -158,7 +147,7 @@ impl Store for MemoryStore {
                 }
                 let State { queues, devices, .. } = &mut *state;
                 let queue = queues.entry(dev.clone()).or_default();
-                queue.insert(id, entry.clone());
+                queue.insert(id, Queued { id, queued_at: expiry.now, entry: entry.clone() });
                 let d = devices.get_mut(&dev).expect("listed above");
                 d.queue_len += 1;
                 d.queue_bytes += entry.len() as u64;
@@ -166,7 +155,7 @@ impl Store for MemoryStore {
                 while d.queue_len > 1 && (d.queue_len > limits.max_len || d.queue_bytes > limits.max_bytes) {
                     let (_, oldest) = queue.pop_first().expect("queue_len counts its entries");
                     d.queue_len -= 1;
-                    d.queue_bytes -= oldest.len() as u64;
+                    d.queue_bytes -= oldest.entry.len() as u64;
                     dropped += 1;
                 }
                 if dropped > 0 {
@@ -196,11 +185,8 @@ impl Store for MemoryStore {
         if !queue.contains_key(&id) {
             return Ok(CheckedAck::Removed);
         }
-        let same_event: Vec<MessageId> = queue
-            .iter()
-            .filter(|(_, entry)| entry_event(entry).as_deref() == Some(event))
-            .map(|(id, _)| *id)
-            .collect();
+        let same_event: Vec<MessageId> =
+            queue.values().filter(|q| entry_event(&q.entry).as_deref() == Some(event)).map(|q| q.id).collect();
         if same_event.first() == Some(&id) {
             state.remove(device, [id]);
             Ok(CheckedAck::Removed)
@@ -212,12 +198,8 @@ impl Store for MemoryStore {
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
         let mut state = self.lock();
-        let expired: Vec<DeviceKey> = state
-            .devices
-            .iter()
-            .filter(|(_, d)| expiry.is_expired(d))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let expired: Vec<DeviceKey> =
+            state.devices.iter().filter(|(_, d)| expiry.is_expired(d)).map(|(k, _)| k.clone()).collect();
         for dev in &expired {
             state.forget(dev);
         }
@@ -226,6 +208,33 @@ impl Store for MemoryStore {
 
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
         Ok(self.lock().devices.get(device).cloned())
+    }
+
+    async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
+        let mut out = BTreeMap::<String, SiteStats>::new();
+        for (dev, state) in &self.lock().devices {
+            out.entry(dev.site.clone()).or_default().add(state);
+        }
+        Ok(out)
+    }
+
+    async fn user_devices(&self, site: &str, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .devices_of(site, user)
+            .into_iter()
+            .map(|dev| DeviceInfo {
+                oldest_queued_at: state.queues.get(&dev).and_then(|q| q.values().next()).map(|q| q.queued_at),
+                state: state.devices[&dev].clone(),
+                device: dev.device,
+            })
+            .collect())
+    }
+
+    async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let ids: Vec<MessageId> = state.queues.get(device).map(|q| q.keys().copied().collect()).unwrap_or_default();
+        Ok(state.remove(device, ids))
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

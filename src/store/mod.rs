@@ -14,6 +14,7 @@ mod keys;
 pub mod memory;
 pub mod sled;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -41,11 +42,7 @@ pub struct DeviceKey {
 impl DeviceKey {
     /// Builds a key from its three parts.
     pub fn new(site: &str, user: &str, device: &str) -> Self {
-        Self {
-            site: site.to_owned(),
-            user: user.to_owned(),
-            device: device.to_owned(),
-        }
+        Self { site: site.to_owned(), user: user.to_owned(), device: device.to_owned() }
     }
 }
 
@@ -54,6 +51,8 @@ impl DeviceKey {
 pub struct Queued {
     /// The message's id, shared by every device the message was queued for.
     pub id: MessageId,
+    /// When it was queued.
+    pub queued_at: Millis,
     /// The message as the JSON array `[event, ...args]`, the shape `_batch` entries take.
     pub entry: Arc<str>,
 }
@@ -65,6 +64,16 @@ pub struct Expiry {
     pub now: Millis,
     /// How long a device may stay disconnected; `0` means forever.
     pub ttl_ms: u64,
+}
+
+impl SiteStats {
+    /// Counts one device in.
+    fn add(&mut self, device: &DeviceState) {
+        self.devices += 1;
+        self.connected += u64::from(device.connected);
+        self.queued_messages += device.queue_len;
+        self.queued_bytes += device.queue_bytes;
+    }
 }
 
 impl Expiry {
@@ -85,10 +94,7 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self {
-            max_len: 10_000,
-            max_bytes: 16 * 1024 * 1024,
-        }
+        Self { max_len: 10_000, max_bytes: 16 * 1024 * 1024 }
     }
 }
 
@@ -105,6 +111,31 @@ pub struct DeviceState {
     pub queue_bytes: u64,
     /// Messages were dropped from the queue to respect its caps since the last connect.
     pub overflowed: bool,
+}
+
+/// What a site holds, for metrics and operators.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SiteStats {
+    /// Registered devices.
+    pub devices: u64,
+    /// Devices with a connected socket.
+    pub connected: u64,
+    /// Messages queued over all devices.
+    pub queued_messages: u64,
+    /// Bytes queued over all devices.
+    pub queued_bytes: u64,
+}
+
+/// One device of a user room, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// The device id (`""` for clients without one).
+    pub device: String,
+    /// What the store keeps about it.
+    #[serde(flatten)]
+    pub state: DeviceState,
+    /// When its oldest queued message was queued.
+    pub oldest_queued_at: Option<Millis>,
 }
 
 /// The result of queueing one message.
@@ -218,8 +249,22 @@ pub trait Store: Send + Sync + 'static {
     /// What is known about one device, if anything.
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError>;
 
+    /// Counts per site (a scan of the device registry, not of the queues).
+    async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError>;
+
+    /// The devices of one user room, with their queue figures.
+    async fn user_devices(&self, site: &str, user: &str) -> Result<Vec<DeviceInfo>, StoreError>;
+
+    /// Removes every queued message of one device (an operator's action); returns how many.
+    async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError>;
+
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// The store accepts writes (for `/readyz`).
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// The event name of a queued `[event, ...args]` entry.

@@ -7,6 +7,7 @@
 //! durability. That is group commit: concurrent `/send` requests share one fsync. Reads run on
 //! tokio's blocking pool.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
 use super::{
-    entry_event, CheckedAck, Connected, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis, QueueLimits,
-    Queued, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
+    QueueLimits, Queued, SiteStats, Store, StoreError,
 };
 
 /// The layout version this build reads and writes.
@@ -40,10 +41,7 @@ pub struct SledStore {
 enum Job {
     /// A change: `run` applies it and returns how to answer the caller once the round's flush
     /// result is known.
-    Change {
-        durable: bool,
-        run: Box<dyn FnOnce(&Writer) -> Reply + Send>,
-    },
+    Change { durable: bool, run: Box<dyn FnOnce(&Writer) -> Reply + Send> },
     /// Flush what came before and exit.
     Stop,
 }
@@ -64,11 +62,7 @@ impl SledStore {
     /// Opens (or creates) the database under `dir`, with a page cache of at most `cache_bytes`.
     /// Spawns the writer thread, which ends when the last clone of the store is dropped.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(io)?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("schema").map_err(io)? {
             None => {
@@ -78,10 +72,7 @@ impl SledStore {
             Some(v) => {
                 let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0);
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
+                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
                 }
             }
         }
@@ -122,10 +113,7 @@ impl SledStore {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
             })
         });
-        self.jobs
-            .send(Job::Change { durable, run })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.jobs.send(Job::Change { durable, run }).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -136,9 +124,7 @@ impl SledStore {
         F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
     {
         let tree = self.tree.clone();
-        crate::telemetry::spawn_blocking_with_tracing(move || f(&tree))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        crate::telemetry::spawn_blocking_with_tracing(move || f(&tree)).await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -164,7 +150,9 @@ impl Writer {
                 }
             }
             if !waiting.is_empty() {
+                let started = std::time::Instant::now();
                 let flushed = self.db.flush().map(drop).map_err(|e| e.to_string());
+                crate::metrics::store_round(waiting.len(), started.elapsed());
                 if let Err(e) = &flushed {
                     tracing::error!(error.message = %e, "store flush failed");
                 }
@@ -213,10 +201,10 @@ impl Writer {
         let mut removed = 0;
         for id in ids {
             let key = keys::queued(&prefix, *id);
-            if let Some(entry) = self.tree.get(&key).map_err(io)? {
+            if let Some(value) = self.tree.get(&key).map_err(io)? {
                 batch.remove(key);
                 state.queue_len -= 1;
-                state.queue_bytes -= entry.len() as u64;
+                state.queue_bytes -= keys::queued_entry_len(&value);
                 removed += 1;
             }
         }
@@ -235,9 +223,7 @@ fn encode(state: &DeviceState) -> Vec<u8> {
 fn read_device(tree: &Tree, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
     match tree.get(key).map_err(io)? {
         None => Ok(None),
-        Some(v) => serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
+        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
     }
 }
 
@@ -255,11 +241,8 @@ fn read_queue(tree: &Tree, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
             let (k, v) = item.map_err(io)?;
             let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
             let id = keys::queued_id(&k).ok_or_else(corrupt)?;
-            let entry = std::str::from_utf8(&v).map_err(|_| corrupt())?;
-            Ok(Queued {
-                id,
-                entry: Arc::from(entry),
-            })
+            let (queued_at, entry) = keys::split_queued_value(&v).ok_or_else(corrupt)?;
+            Ok(Queued { id, queued_at, entry: Arc::from(entry) })
         })
         .collect()
 }
@@ -286,10 +269,7 @@ impl Store for SledStore {
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
             w.tree.apply_batch(batch).map_err(io)?;
-            Ok(Connected {
-                pending: read_queue(&w.tree, &device)?,
-                overflowed,
-            })
+            Ok(Connected { pending: read_queue(&w.tree, &device)?, overflowed })
         })
         .await
     }
@@ -355,10 +335,7 @@ impl Store for SledStore {
         let (site, users) = (site.to_owned(), users.to_vec());
         self.write(true, move |w| {
             let id = w.db.generate_id().map_err(io)?;
-            let mut out = Enqueued {
-                id,
-                ..Enqueued::default()
-            };
+            let mut out = Enqueued { id, ..Enqueued::default() };
             let mut batch = Batch::default();
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
@@ -375,7 +352,7 @@ impl Store for SledStore {
                     }
                     live += 1;
                     let prefix = keys::queue(&dev)?;
-                    batch.insert(keys::queued(&prefix, id), entry.as_bytes());
+                    batch.insert(keys::queued(&prefix, id), keys::queued_value(expiry.now, &entry));
                     state.queue_len += 1;
                     state.queue_bytes += entry.len() as u64;
                     let mut dropped = 0;
@@ -386,10 +363,10 @@ impl Store for SledStore {
                             {
                                 break;
                             }
-                            let (old_key, old_entry) = old.map_err(io)?;
+                            let (old_key, old_value) = old.map_err(io)?;
                             batch.remove(old_key);
                             state.queue_len -= 1;
-                            state.queue_bytes -= old_entry.len() as u64;
+                            state.queue_bytes -= keys::queued_entry_len(&old_value);
                             dropped += 1;
                         }
                     }
@@ -417,8 +394,7 @@ impl Store for SledStore {
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
         let (device, ids) = (device.clone(), ids.to_vec());
-        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop))
-            .await
+        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
@@ -477,7 +453,60 @@ impl Store for SledStore {
         self.read(move |tree| read_device(tree, &key)).await
     }
 
+    async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
+        self.read(|tree| {
+            let mut out = BTreeMap::<String, SiteStats>::new();
+            for item in tree.scan_prefix([keys::DEVICE]) {
+                let (k, v) = item.map_err(io)?;
+                let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+                let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
+                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                out.entry(dev.site).or_default().add(&state);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn user_devices(&self, site: &str, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        let prefix = keys::devices_of(site, user)?;
+        self.read(move |tree| {
+            let mut out = Vec::new();
+            for item in tree.scan_prefix(&prefix) {
+                let (k, v) = item.map_err(io)?;
+                let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+                let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
+                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                let oldest = match tree.scan_prefix(keys::queue(&dev)?).next() {
+                    Some(item) => {
+                        let (qk, qv) = item.map_err(io)?;
+                        let (at, _) = keys::split_queued_value(&qv)
+                            .ok_or_else(|| StoreError::Corrupt { key: keys::show(&qk) })?;
+                        Some(at)
+                    }
+                    None => None,
+                };
+                out.push(DeviceInfo { device: dev.device, state, oldest_queued_at: oldest });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
+        let device = device.clone();
+        self.write(true, move |w| {
+            let ids: Vec<MessageId> = read_queue(&w.tree, &device)?.iter().map(|q| q.id).collect();
+            w.remove_entries(&device, &ids)
+        })
+        .await
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.write(true, |_| Ok(())).await
+    }
+
+    fn is_open(&self) -> bool {
+        !self.jobs.is_closed()
     }
 }

@@ -27,20 +27,11 @@ fn at(now: Millis) -> Expiry {
 }
 
 async fn send(store: &impl Store, to: &[&str], text: &str, now: Millis) -> Enqueued {
-    store
-        .enqueue("site", &users(to), entry(text), at(now), QueueLimits::default())
-        .await
-        .unwrap()
+    store.enqueue("site", &users(to), entry(text), at(now), QueueLimits::default()).await.unwrap()
 }
 
 async fn entries(store: &impl Store, device: &DeviceKey) -> Vec<String> {
-    store
-        .pending(device)
-        .await
-        .unwrap()
-        .iter()
-        .map(|q| q.entry.to_string())
-        .collect()
+    store.pending(device).await.unwrap().iter().map(|q| q.entry.to_string()).collect()
 }
 
 async fn users_never_connected_get_nothing_stored(store: impl Store) {
@@ -58,10 +49,7 @@ async fn queues_keep_send_order_across_events_and_devices(store: impl Store) {
     assert!(second.id > first.id);
     assert_eq!(first.devices, vec![dev("user_1", "a"), dev("user_1", "b")]);
     for device in ["a", "b"] {
-        assert_eq!(
-            entries(&store, &dev("user_1", device)).await,
-            [r#"["x",1]"#, r#"["y",2]"#, r#"["x",3]"#]
-        );
+        assert_eq!(entries(&store, &dev("user_1", device)).await, [r#"["x",1]"#, r#"["y",2]"#, r#"["x",3]"#]);
     }
     let state = store.device(&dev("user_1", "a")).await.unwrap().unwrap();
     assert_eq!((state.queue_len, state.queue_bytes), (3, 21));
@@ -70,11 +58,8 @@ async fn queues_keep_send_order_across_events_and_devices(store: impl Store) {
 async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
     let d = dev("user_1", "a");
     store.connect(&d, &rooms(&["user_1"])).await.unwrap();
-    let batch: Vec<_> = [
-        send(&store, &["user_1"], "[\"e\",1]", 0).await.id,
-        send(&store, &["user_1"], "[\"e\",2]", 0).await.id,
-    ]
-    .into();
+    let batch: Vec<_> =
+        [send(&store, &["user_1"], "[\"e\",1]", 0).await.id, send(&store, &["user_1"], "[\"e\",2]", 0).await.id].into();
     // Arrives while the batch is in flight: the batch ack must not remove it.
     send(&store, &["user_1"], "[\"e\",3]", 0).await;
     store.ack(&d, &batch).await.unwrap();
@@ -92,10 +77,7 @@ async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: imp
     let a2 = send(&store, &["user_1"], r#"["a",2]"#, 0).await.id;
     let a3 = send(&store, &["user_1"], r#"["a",3]"#, 0).await.id;
     assert_eq!(store.ack_checked(&d, a1, "a").await.unwrap(), CheckedAck::Removed);
-    assert_eq!(
-        store.ack_checked(&d, a3, "a").await.unwrap(),
-        CheckedAck::Resync { cleared: 2 }
-    );
+    assert_eq!(store.ack_checked(&d, a3, "a").await.unwrap(), CheckedAck::Resync { cleared: 2 });
     assert_eq!(entries(&store, &d).await, [r#"["b",1]"#]);
     // An ack for a message no longer queued changes nothing.
     assert_eq!(store.ack_checked(&d, a2, "a").await.unwrap(), CheckedAck::Removed);
@@ -125,18 +107,9 @@ async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store
     store.connect(&a, &rooms(&["user_1"])).await.unwrap();
     store.connect(&b, &rooms(&["user_2"])).await.unwrap();
     store.disconnect(&b, 0).await.unwrap();
-    let forever = Expiry {
-        now: 100 * HOUR,
-        ttl_ms: 0,
-    };
+    let forever = Expiry { now: 100 * HOUR, ttl_ms: 0 };
     let out = store
-        .enqueue(
-            "site",
-            &users(&["user_1", "user_2"]),
-            entry("[1]"),
-            forever,
-            QueueLimits::default(),
-        )
+        .enqueue("site", &users(&["user_1", "user_2"]), entry("[1]"), forever, QueueLimits::default())
         .await
         .unwrap();
     assert_eq!(out.devices, vec![a.clone(), b.clone()]);
@@ -159,18 +132,9 @@ async fn sweeping_the_last_device_forgets_the_user(store: impl Store) {
 }
 
 async fn shared_rooms_match_case_insensitively_and_follow_the_latest_list(store: impl Store) {
-    store
-        .connect(&dev("user_1", "a"), &rooms(&["user_1", "Staff"]))
-        .await
-        .unwrap();
-    store
-        .connect(&dev("user_2", "a"), &rooms(&["user_2", "staff", "reviewer"]))
-        .await
-        .unwrap();
-    store
-        .connect(&dev("other", "a"), &rooms(&["user_1", "staff"]))
-        .await
-        .unwrap();
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1", "Staff"])).await.unwrap();
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2", "staff", "reviewer"])).await.unwrap();
+    store.connect(&dev("other", "a"), &rooms(&["user_1", "staff"])).await.unwrap();
     let mut staff = store.users_in_room("site", "STAFF").await.unwrap();
     staff.sort();
     assert_eq!(staff, ["other", "user_1", "user_2"]);
@@ -183,26 +147,14 @@ async fn shared_rooms_match_case_insensitively_and_follow_the_latest_list(store:
 async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     let d = dev("user_1", "a");
     store.connect(&d, &rooms(&["user_1"])).await.unwrap();
-    let limits = QueueLimits {
-        max_len: 2,
-        max_bytes: 1_000,
-    };
+    let limits = QueueLimits { max_len: 2, max_bytes: 1_000 };
     for i in 1..=4 {
-        let out = store
-            .enqueue("site", &users(&["user_1"]), entry(&format!("[{i}]")), at(0), limits)
-            .await
-            .unwrap();
+        let out = store.enqueue("site", &users(&["user_1"]), entry(&format!("[{i}]")), at(0), limits).await.unwrap();
         assert_eq!(out.overflowed, if i > 2 { vec![(d.clone(), 1)] } else { vec![] });
     }
     assert_eq!(entries(&store, &d).await, ["[3]", "[4]"]);
-    let by_bytes = QueueLimits {
-        max_len: 100,
-        max_bytes: 7,
-    };
-    store
-        .enqueue("site", &users(&["user_1"]), entry("[5]"), at(0), by_bytes)
-        .await
-        .unwrap();
+    let by_bytes = QueueLimits { max_len: 100, max_bytes: 7 };
+    store.enqueue("site", &users(&["user_1"]), entry("[5]"), at(0), by_bytes).await.unwrap();
     assert_eq!(entries(&store, &d).await, ["[4]", "[5]"]);
     let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
     assert!(connected.overflowed);
@@ -218,15 +170,7 @@ async fn disconnect_all_starts_every_connected_clock(store: impl Store) {
     let state = store.device(&dev("user_1", "a")).await.unwrap().unwrap();
     assert!(!state.connected);
     assert_eq!(state.disconnected_at, 10);
-    assert_eq!(
-        store
-            .device(&dev("user_2", "a"))
-            .await
-            .unwrap()
-            .unwrap()
-            .disconnected_at,
-        5
-    );
+    assert_eq!(store.device(&dev("user_2", "a")).await.unwrap().unwrap().disconnected_at, 5);
 }
 
 async fn unknown_devices_are_ignored(store: impl Store) {
@@ -236,6 +180,42 @@ async fn unknown_devices_are_ignored(store: impl Store) {
     assert_eq!(store.ack_checked(&d, 1, "e").await.unwrap(), CheckedAck::Removed);
     assert_eq!(store.device(&d).await.unwrap(), None);
     store.flush().await.unwrap();
+}
+
+async fn operators_see_counts_devices_and_can_drop_a_queue(store: impl Store) {
+    let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_1"])).await.unwrap();
+    store.disconnect(&b, 5).await.unwrap();
+    send(&store, &["user_1"], "[1]", 100).await;
+    send(&store, &["user_1"], "[22]", 200).await;
+    let other = DeviceKey::new("other", "user_1", "a");
+    store.connect(&other, &rooms(&["user_1"])).await.unwrap();
+
+    let stats = store.stats().await.unwrap();
+    let want = SiteStats { devices: 2, connected: 1, queued_messages: 4, queued_bytes: 14 };
+    assert_eq!(stats["site"], want);
+    assert_eq!(stats["other"], SiteStats { devices: 1, connected: 1, ..SiteStats::default() });
+
+    let devices = store.user_devices("site", "user_1").await.unwrap();
+    assert_eq!(devices.iter().map(|d| d.device.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(devices[0].oldest_queued_at, Some(100));
+    assert!(devices[0].state.connected && !devices[1].state.connected);
+    assert_eq!(devices[1].state.disconnected_at, 5);
+
+    assert_eq!(store.clear_queue(&a).await.unwrap(), 2);
+    assert!(store.pending(&a).await.unwrap().is_empty());
+    assert_eq!(entries(&store, &b).await, ["[1]", "[22]"]);
+    assert_eq!(store.user_devices("site", "user_1").await.unwrap()[0].oldest_queued_at, None);
+    assert_eq!(store.stats().await.unwrap()["site"].queued_messages, 2);
+    assert_eq!(store.clear_queue(&dev("nobody", "x")).await.unwrap(), 0);
+}
+
+async fn queued_messages_carry_their_queue_time(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    send(&store, &["user_1"], "[1]", 42).await;
+    assert_eq!(store.pending(&d).await.unwrap()[0].queued_at, 42);
 }
 
 macro_rules! conformance {
@@ -268,6 +248,8 @@ conformance!(
     full_queues_drop_their_oldest_and_flag_the_device,
     disconnect_all_starts_every_connected_clock,
     unknown_devices_are_ignored,
+    operators_see_counts_devices_and_can_drop_a_queue,
+    queued_messages_carry_their_queue_time,
 );
 
 #[tokio::test]
@@ -291,10 +273,7 @@ async fn sled_refuses_a_data_dir_of_another_schema() {
     let dir = tempfile::tempdir().unwrap();
     {
         let db = ::sled::open(dir.path()).unwrap();
-        db.open_tree("meta")
-            .unwrap()
-            .insert("schema", &99u32.to_be_bytes())
-            .unwrap();
+        db.open_tree("meta").unwrap().insert("schema", &99u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     let err = SledStore::open(dir.path(), 1 << 20).err().expect("must refuse");

@@ -80,10 +80,10 @@ export function oldEnv(website, extra = {}) {
  * resolves once it logs the address it serves on. With `command` ([program, ...args]) that
  * command runs instead, with `env` alone and in `cwd`, and no data dir is made or removed.
  */
-export async function startServer(env, { dataDir, command, cwd } = {}) {
+export async function startServer(env, { dataDir, command, cwd, args: extraArgs = [] } = {}) {
   const own = !command;
   if (own) dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
-  const [program, ...args] = command ?? [BIN, "serve"];
+  const [program, ...args] = command ?? [BIN, "serve", ...extraArgs];
   const extra = own ? { PORT: "0", SIO_PUSH_DATA_DIR: dataDir } : {};
   const child = spawn(program, args, {
     env: { PATH: process.env.PATH, RUST_LOG: "info", ...extra, ...env },
@@ -95,7 +95,9 @@ export async function startServer(env, { dataDir, command, cwd } = {}) {
     child.stderr.on("data", (chunk) => {
       server.log += chunk;
       // Text (`serving listen=ADDR`) or JSON (`"message":"serving","listen":"ADDR"`) logs.
-      const m = server.log.match(/serving"?[ ,]"?listen"?[=:]"?([\d.]+):(\d+)/);
+      const admin = server.log.match(/admin API serving"?[ ,]"?listen"?[=:]"?([\d.]+):(\d+)/);
+      if (admin) server.adminUrl = `http://127.0.0.1:${admin[2]}`;
+      const m = server.log.match(/(?:: |"message":")serving"?[ ,]"?listen"?[=:]"?([\d.]+):(\d+)/);
       if (m && !server.url) {
         server.port = Number(m[2]);
         server.url = `http://127.0.0.1:${server.port}`;
@@ -110,6 +112,18 @@ export async function startServer(env, { dataDir, command, cwd } = {}) {
   server.stop = async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
     return within(server.exited, "sio-push to stop", 25000);
+  };
+  /** Resolves once the log has a line matching `pattern` after `from` (a log offset). */
+  server.logged = (pattern, from = 0) => {
+    const seen = () => pattern.test(server.log.slice(from));
+    if (seen()) return Promise.resolve();
+    return within(
+      new Promise((resolve) => {
+        const check = () => seen() && (child.stderr.off("data", check), resolve());
+        child.stderr.on("data", check);
+      }),
+      `a log line matching ${pattern}`,
+    );
   };
   /** SIGKILL, and wait for the exit. */
   server.kill = async () => {

@@ -11,11 +11,9 @@ fn parse(content_type: &str, body: &str) -> Result<Message, String> {
 
 #[test]
 fn json_bodies_keep_args_as_given() {
-    let msg = parse(
-        JSON,
-        r#"{"rooms":["user_1","staff"],"event":"update_store","args":["user",{"id":1,"b":2,"a":3}]}"#,
-    )
-    .unwrap();
+    let msg =
+        parse(JSON, r#"{"rooms":["user_1","staff"],"event":"update_store","args":["user",{"id":1,"b":2,"a":3}]}"#)
+            .unwrap();
     assert_eq!(msg.rooms, ["user_1", "staff"]);
     assert_eq!(msg.event, "update_store");
     assert_eq!(msg.entry(), r#"["update_store","user",{"id":1,"b":2,"a":3}]"#);
@@ -23,65 +21,28 @@ fn json_bodies_keep_args_as_given() {
 
 #[test]
 fn args_shapes_follow_the_contract() {
-    assert_eq!(
-        parse(JSON, r#"{"rooms":"user_1","event":"e"}"#).unwrap().args,
-        [Value::Null]
-    );
-    assert_eq!(
-        parse(JSON, r#"{"rooms":"user_1","event":"e","args":{"a":1}}"#)
-            .unwrap()
-            .args,
-        [json!({"a":1})]
-    );
-    assert_eq!(
-        parse(JSON, r#"{"rooms":"user_1","event":"e","args":"x"}"#)
-            .unwrap()
-            .args,
-        [json!("x")]
-    );
-    assert_eq!(
-        parse(JSON, r#"{"rooms":"user_1","event":"e","args":null}"#)
-            .unwrap()
-            .args,
-        [Value::Null]
-    );
-    assert!(parse(JSON, r#"{"rooms":"user_1","event":"e","args":[]}"#)
-        .unwrap()
-        .args
-        .is_empty());
+    assert_eq!(parse(JSON, r#"{"rooms":"user_1","event":"e"}"#).unwrap().args, [Value::Null]);
+    assert_eq!(parse(JSON, r#"{"rooms":"user_1","event":"e","args":{"a":1}}"#).unwrap().args, [json!({"a":1})]);
+    assert_eq!(parse(JSON, r#"{"rooms":"user_1","event":"e","args":"x"}"#).unwrap().args, [json!("x")]);
+    assert_eq!(parse(JSON, r#"{"rooms":"user_1","event":"e","args":null}"#).unwrap().args, [Value::Null]);
+    assert!(parse(JSON, r#"{"rooms":"user_1","event":"e","args":[]}"#).unwrap().args.is_empty());
     assert_eq!(parse(JSON, r#"{"rooms":"one","event":"e"}"#).unwrap().rooms, ["one"]);
 }
 
 #[test]
 fn form_bodies_use_bracket_syntax() {
-    let msg = parse(
-        FORM,
-        "rooms[]=user_1&rooms[]=staff&event=update&args[0][id]=1&args[0][tags][]=x&args[1]=two",
-    )
-    .unwrap();
+    let msg =
+        parse(FORM, "rooms[]=user_1&rooms[]=staff&event=update&args[0][id]=1&args[0][tags][]=x&args[1]=two").unwrap();
     assert_eq!(msg.rooms, ["user_1", "staff"]);
     assert_eq!(msg.event, "update");
     assert_eq!(msg.args, [json!({"id":"1","tags":["x"]}), json!("two")]);
     let msg = parse(FORM, "rooms=user_1&event=e&args=hello").unwrap();
-    assert_eq!(
-        (msg.rooms, msg.args),
-        (vec!["user_1".to_string()], vec![json!("hello")])
-    );
+    assert_eq!((msg.rooms, msg.args), (vec!["user_1".to_string()], vec![json!("hello")]));
     let msg = parse(FORM, "rooms=a&rooms=b&event=e").unwrap();
-    assert_eq!(
-        (msg.rooms, msg.args),
-        (vec!["a".to_string(), "b".to_string()], vec![Value::Null])
-    );
-    let msg = parse(
-        FORM,
-        "rooms%5B%5D=user_1&event=e&args%5B1%5D=b&args%5B0%5D=a&args%5B10%5D=c",
-    )
-    .unwrap();
+    assert_eq!((msg.rooms, msg.args), (vec!["a".to_string(), "b".to_string()], vec![Value::Null]));
+    let msg = parse(FORM, "rooms%5B%5D=user_1&event=e&args%5B1%5D=b&args%5B0%5D=a&args%5B10%5D=c").unwrap();
     assert_eq!(msg.args, [json!("a"), json!("b"), json!("c")]);
-    assert_eq!(
-        parse(FORM, "rooms[]=u&event=e&args[x]=1").unwrap().args,
-        [json!({"x":"1"})]
-    );
+    assert_eq!(parse(FORM, "rooms[]=u&event=e&args[x]=1").unwrap().args, [json!({"x":"1"})]);
 }
 
 #[test]
@@ -96,11 +57,7 @@ fn bad_bodies_are_named() {
         (JSON, r#"{"rooms":5,"event":"e"}"#, "'rooms' must be"),
         (JSON, r#"{"rooms":["a",1],"event":"e"}"#, "'rooms' must be"),
         (JSON, r#"{"rooms":["a",""],"event":"e"}"#, "must not be empty"),
-        (
-            FORM,
-            "rooms=a&rooms[x]=b&event=e",
-            "both as a value and as a nested object",
-        ),
+        (FORM, "rooms=a&rooms[x]=b&event=e", "both as a value and as a nested object"),
         ("text/plain", "hi", "Unsupported Content-Type \"text/plain\""),
         ("", "hi", "Unsupported Content-Type"),
     ];
@@ -124,13 +81,9 @@ fn content_type_parameters_are_ignored() {
 
 #[test]
 fn resync_is_a_real_boolean() {
-    for (text, want) in [
-        (None, false),
-        (Some("true"), true),
-        (Some("1"), true),
-        (Some("false"), false),
-        (Some("0"), false),
-    ] {
+    for (text, want) in
+        [(None, false), (Some("true"), true), (Some("1"), true), (Some("false"), false), (Some("0"), false)]
+    {
         assert_eq!(parse_bool("resync", text).unwrap(), want);
     }
     assert!(parse_bool("resync", Some("yes")).is_err());

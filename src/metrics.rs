@@ -1,0 +1,181 @@
+//! Metrics: one function per event, feeding the Prometheus exporter (`GET /metrics`) and the
+//! process totals behind the status page's rate chart.
+//!
+//! Labels are per site (and protocol, outcome, path of delivery), never per user or device, so
+//! the series count stays bounded by the number of sites. Gauges that describe the store
+//! (devices, queued messages and bytes) are set from a registry scan when `/metrics` is
+//! scraped, so they are true after a restart too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::store::SiteStats;
+
+/// Process-wide running totals, for the status page's rates.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// `/send` requests accepted.
+    pub accepted: AtomicU64,
+    /// Copies stored into device queues.
+    pub stored: AtomicU64,
+    /// Messages emitted live or in a `_batch`.
+    pub delivered: AtomicU64,
+    /// Messages acknowledged.
+    pub acked: AtomicU64,
+}
+
+/// A copy of the totals at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TotalsSnapshot {
+    /// See [`Totals::accepted`].
+    pub accepted: u64,
+    /// See [`Totals::stored`].
+    pub stored: u64,
+    /// See [`Totals::delivered`].
+    pub delivered: u64,
+    /// See [`Totals::acked`].
+    pub acked: u64,
+}
+
+static TOTALS: Totals = Totals {
+    accepted: AtomicU64::new(0),
+    stored: AtomicU64::new(0),
+    delivered: AtomicU64::new(0),
+    acked: AtomicU64::new(0),
+};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0];
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS))
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (several apps in one test process): then
+        // this handle renders nothing, which only tests would see.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("sio_push_sockets_connected", "Connected sockets, per site and protocol generation");
+    describe_gauge!("sio_push_devices_registered", "Devices in the registry");
+    describe_gauge!("sio_push_devices_connected", "Devices with a connected socket");
+    describe_gauge!("sio_push_queued_messages", "Messages waiting in device queues");
+    describe_gauge!("sio_push_queued_bytes", Unit::Bytes, "Bytes waiting in device queues");
+    describe_counter!("sio_push_messages_accepted_total", "POST /send requests accepted (200)");
+    describe_counter!("sio_push_messages_stored_total", "Message copies stored into device queues");
+    describe_counter!("sio_push_messages_delivered_total", "Messages emitted to sockets, by path (live or batch)");
+    describe_counter!("sio_push_messages_acked_total", "Messages acknowledged by clients");
+    describe_counter!("sio_push_messages_dropped_total", "Messages dropped from full queues");
+    describe_counter!("sio_push_devices_expired_total", "Devices forgotten after device_ttl");
+    describe_counter!("sio_push_resyncs_total", "_resync events sent");
+    describe_counter!("sio_push_auth_requests_total", "Calls to auth_url, by outcome");
+    describe_histogram!("sio_push_auth_duration_seconds", Unit::Seconds, "Latency of auth_url calls");
+    describe_counter!("sio_push_presence_callbacks_total", "Presence PUTs to update_user_url, by outcome");
+    describe_histogram!("sio_push_send_duration_seconds", Unit::Seconds, "Latency of POST /send");
+    describe_histogram!("sio_push_store_flush_duration_seconds", Unit::Seconds, "Latency of one store fsync");
+    describe_histogram!("sio_push_store_round_size", "Store writes sharing one fsync");
+    describe_histogram!("sio_push_batch_size", "Messages per _batch");
+}
+
+/// The current totals.
+pub fn totals() -> TotalsSnapshot {
+    TotalsSnapshot {
+        accepted: TOTALS.accepted.load(Ordering::Relaxed),
+        stored: TOTALS.stored.load(Ordering::Relaxed),
+        delivered: TOTALS.delivered.load(Ordering::Relaxed),
+        acked: TOTALS.acked.load(Ordering::Relaxed),
+    }
+}
+
+/// A `/send` was answered 200 after `took`.
+pub fn accepted(site: &str, took: Duration) {
+    TOTALS.accepted.fetch_add(1, Ordering::Relaxed);
+    counter!("sio_push_messages_accepted_total", "site" => site.to_owned()).increment(1);
+    histogram!("sio_push_send_duration_seconds", "site" => site.to_owned()).record(took.as_secs_f64());
+}
+
+/// `n` copies of a message were stored.
+pub fn stored(site: &str, n: u64) {
+    TOTALS.stored.fetch_add(n, Ordering::Relaxed);
+    counter!("sio_push_messages_stored_total", "site" => site.to_owned()).increment(n);
+}
+
+/// `n` messages were emitted live.
+pub fn delivered_live(site: &str, n: u64) {
+    TOTALS.delivered.fetch_add(n, Ordering::Relaxed);
+    counter!("sio_push_messages_delivered_total", "site" => site.to_owned(), "via" => "live").increment(n);
+}
+
+/// A `_batch` of `n` messages was emitted.
+pub fn delivered_batch(site: &str, n: u64) {
+    TOTALS.delivered.fetch_add(n, Ordering::Relaxed);
+    counter!("sio_push_messages_delivered_total", "site" => site.to_owned(), "via" => "batch").increment(n);
+    histogram!("sio_push_batch_size", "site" => site.to_owned()).record(n as f64);
+}
+
+/// `n` messages were acknowledged.
+pub fn acked(site: &str, n: u64) {
+    TOTALS.acked.fetch_add(n, Ordering::Relaxed);
+    counter!("sio_push_messages_acked_total", "site" => site.to_owned()).increment(n);
+}
+
+/// `n` messages were dropped from a full queue.
+pub fn dropped(site: &str, n: u64) {
+    counter!("sio_push_messages_dropped_total", "site" => site.to_owned()).increment(n);
+}
+
+/// A device expired.
+pub fn expired(site: &str) {
+    counter!("sio_push_devices_expired_total", "site" => site.to_owned()).increment(1);
+}
+
+/// A `_resync` was sent.
+pub fn resync(site: &str) {
+    counter!("sio_push_resyncs_total", "site" => site.to_owned()).increment(1);
+}
+
+/// An auth call ended with `outcome` (`ok`, `refused`, `error`) after `took`.
+pub fn auth(site: &str, outcome: &'static str, took: Duration) {
+    counter!("sio_push_auth_requests_total", "site" => site.to_owned(), "outcome" => outcome).increment(1);
+    histogram!("sio_push_auth_duration_seconds", "site" => site.to_owned()).record(took.as_secs_f64());
+}
+
+/// A presence callback ended with `outcome` (`ok`, `refused`, `error`).
+pub fn presence(site: &str, outcome: &'static str) {
+    counter!("sio_push_presence_callbacks_total", "site" => site.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// A socket of `protocol` (`v4` for 1.x/2.x clients, `v5` for 3.x/4.x) connected (+1) or left (-1).
+pub fn socket(site: &str, protocol: &'static str, delta: f64) {
+    gauge!("sio_push_sockets_connected", "site" => site.to_owned(), "protocol" => protocol).increment(delta);
+}
+
+/// One store round of `jobs` writes shared an fsync that took `took`.
+pub fn store_round(jobs: usize, took: Duration) {
+    histogram!("sio_push_store_flush_duration_seconds").record(took.as_secs_f64());
+    histogram!("sio_push_store_round_size").record(jobs as f64);
+}
+
+/// Sets the registry gauges of one site from a store scan.
+pub fn registry(site: &str, s: &SiteStats) {
+    gauge!("sio_push_devices_registered", "site" => site.to_owned()).set(s.devices as f64);
+    gauge!("sio_push_devices_connected", "site" => site.to_owned()).set(s.connected as f64);
+    gauge!("sio_push_queued_messages", "site" => site.to_owned()).set(s.queued_messages as f64);
+    gauge!("sio_push_queued_bytes", "site" => site.to_owned()).set(s.queued_bytes as f64);
+}
