@@ -10,6 +10,8 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 # The status page is tested in headless Chromium (Debian's package; playwright-core drives it).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The proof that 200 means on disk traces the server's syscalls.
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (Debian packages)"
   apt-get update -qq

@@ -52,6 +52,52 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 struct Writer {
     db: sled::Db,
     tree: Tree,
+    sync: Sync,
+}
+
+/// What makes a flushed round durable, beyond sled's own `flush()`.
+///
+/// On Linux sled 0.34's `flush()` ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` on the
+/// log range it wrote, and a real `fsync` happens only in its background flusher (every 500 ms).
+/// `sync_file_range` commits neither the file's metadata (its new size) nor the disk's write
+/// cache, so it survives `kill -9` but not a power cut. Items too large for the log (over
+/// segment_size / 4) go to files under `blobs/`, which sled never syncs. So after each flush the
+/// writer `fdatasync`s the log file, and any blob written since the previous round with its
+/// directory. `tests/e2e/fsync.test.mjs` checks the result with strace.
+struct Sync {
+    log: std::fs::File,
+    blobs: std::path::PathBuf,
+    last_round: std::time::SystemTime,
+}
+
+impl Sync {
+    fn open(dir: &Path) -> Result<Self, StoreError> {
+        let log = std::fs::File::open(dir.join("db"))
+            .map_err(|e| StoreError::Io(format!("cannot open sled's log file {}/db: {e}", dir.display())))?;
+        Ok(Self { log, blobs: dir.join("blobs"), last_round: std::time::UNIX_EPOCH })
+    }
+
+    /// Makes everything sled flushed durable.
+    fn sync(&mut self) -> std::io::Result<()> {
+        let started = std::time::SystemTime::now();
+        self.log.sync_data()?;
+        let mut synced_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&self.blobs) {
+            for entry in entries.flatten() {
+                let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(started);
+                // Compare with a second of slack: file times can be coarser than the clock.
+                if modified + std::time::Duration::from_secs(1) >= self.last_round {
+                    std::fs::File::open(entry.path())?.sync_data()?;
+                    synced_blob = true;
+                }
+            }
+        }
+        if synced_blob {
+            std::fs::File::open(&self.blobs)?.sync_all()?;
+        }
+        self.last_round = started;
+        Ok(())
+    }
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -79,7 +125,7 @@ impl SledStore {
         let tree = db.open_tree("state").map_err(io)?;
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (stopping, stopped) = tokio::sync::watch::channel(());
-        let writer = Writer { db, tree: tree.clone() };
+        let writer = Writer { db, tree: tree.clone(), sync: Sync::open(dir)? };
         std::thread::Builder::new()
             .name("sio-push-store".into())
             .spawn(move || {
@@ -129,7 +175,7 @@ impl SledStore {
 }
 
 impl Writer {
-    fn run(self, mut rx: mpsc::Receiver<Job>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut round = Vec::with_capacity(64);
         let mut stopping = false;
         while !stopping {
@@ -151,7 +197,11 @@ impl Writer {
             }
             if !waiting.is_empty() {
                 let started = std::time::Instant::now();
-                let flushed = self.db.flush().map(drop).map_err(|e| e.to_string());
+                let flushed = self
+                    .db
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| self.sync.sync().map_err(|e| e.to_string()));
                 crate::metrics::store_round(waiting.len(), started.elapsed());
                 if let Err(e) = &flushed {
                     tracing::error!(error.message = %e, "store flush failed");
@@ -161,7 +211,9 @@ impl Writer {
                 }
             }
         }
-        if let Err(e) = self.db.flush() {
+        if let Err(e) =
+            self.db.flush().map_err(|e| e.to_string()).and_then(|_| self.sync.sync().map_err(|e| e.to_string()))
+        {
             tracing::error!(error.message = %e, "final store flush failed");
         }
         // `self` (the database) is dropped here, before the caller signals `stopped`.
