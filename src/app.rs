@@ -20,7 +20,7 @@ use crate::admin::History;
 use crate::callbacks::Callbacks;
 use crate::config::{Config, Sources};
 use crate::delivery::{now_ms, Delivery, Settings};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, RateLimiter};
 use crate::realtime;
 use crate::reload::Reloader;
 use crate::sites::Sites;
@@ -63,7 +63,12 @@ impl Application {
 
         let callbacks = Callbacks::new(&server).context("cannot build the HTTP client")?;
         let (layer, io) = realtime::layer(&server);
-        let settings = Settings { device_ttl: server.device_ttl, queue_limits: server.queue_limits };
+        let settings = Settings {
+            device_ttl: server.device_ttl,
+            queue_limits: server.queue_limits,
+            max_message_bytes: server.max_message_bytes,
+            idempotency_window: server.idempotency_window,
+        };
         let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
         let sites = Sites::new(config.sites.values().cloned());
         realtime::register(&io, &sites, delivery.clone(), callbacks.clone());
@@ -81,6 +86,7 @@ impl Application {
             ready: Arc::new(AtomicBool::new(false)),
             reloader,
             history: Arc::new(History::default()),
+            limiter: Arc::new(RateLimiter::default()),
         };
         let router = http::router(state.clone(), layer);
         let listener =

@@ -94,6 +94,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most rooms one `POST /send` may name.
     pub max_rooms_per_request: usize,
+    /// Largest message as stored (`[event, ...args]` JSON).
+    pub max_message_bytes: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_window: Duration,
     /// Per-device queue caps.
     pub queue_limits: QueueLimits,
     /// Most auth calls in flight at once, across sites.
@@ -136,6 +140,12 @@ pub struct SiteConfig {
     pub update_user_url: Option<String>,
     /// A room treated as one anonymous shared user.
     pub public_channel: Option<String>,
+    /// Sustained `POST /send` requests per second; 0 means no limit.
+    pub rate_limit_per_sec: u32,
+    /// Requests allowed in a burst above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Origins browsers may connect from (`Origin` header); empty means any.
+    pub allowed_origins: Vec<String>,
 }
 
 impl SiteConfig {
@@ -224,6 +234,8 @@ struct RawServer {
     callback_timeout_ms: u64,
     max_body_bytes: u64,
     max_rooms_per_request: u64,
+    max_message_bytes: u64,
+    idempotency_window_secs: u64,
     max_queue_len: u64,
     max_queue_bytes: u64,
     max_concurrent_auth: u64,
@@ -249,6 +261,8 @@ impl Default for RawServer {
             callback_timeout_ms: 10_000,
             max_body_bytes: 1024 * 1024,
             max_rooms_per_request: 1_000,
+            max_message_bytes: 512 * 1024,
+            idempotency_window_secs: 24 * 3600,
             max_queue_len: queue.max_len,
             max_queue_bytes: queue.max_bytes,
             max_concurrent_auth: 64,
@@ -274,6 +288,20 @@ struct RawSite {
     update_user_url: Option<String>,
     #[serde(default)]
     public_channel: Option<String>,
+    #[serde(default = "default_rate")]
+    rate_limit_per_sec: u32,
+    #[serde(default = "default_burst")]
+    rate_limit_burst: u32,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+}
+
+fn default_rate() -> u32 {
+    1000
+}
+
+fn default_burst() -> u32 {
+    2000
 }
 
 fn default_auth_scheme() -> String {
@@ -367,6 +395,11 @@ impl Config {
             callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
             max_rooms_per_request: positive("server.max_rooms_per_request", s.max_rooms_per_request)? as usize,
+            max_message_bytes: positive("server.max_message_bytes", s.max_message_bytes)? as usize,
+            idempotency_window: Duration::from_secs(positive(
+                "server.idempotency_window_secs",
+                s.idempotency_window_secs,
+            )?),
             queue_limits: QueueLimits {
                 max_len: positive("server.max_queue_len", s.max_queue_len)?,
                 max_bytes: positive("server.max_queue_bytes", s.max_queue_bytes)?,
@@ -413,6 +446,23 @@ fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> 
     if raw.auth_scheme.contains(['\r', '\n']) {
         return Err(invalid(&key("auth_scheme"), &raw.auth_scheme, "a single-line word like Bearer"));
     }
+    let mut allowed_origins = Vec::with_capacity(raw.allowed_origins.len());
+    for origin in &raw.allowed_origins {
+        let serialized = Url::parse(origin)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .map(|u| u.origin().ascii_serialization());
+        match serialized {
+            Some(o) if o == origin.trim_end_matches('/') => allowed_origins.push(o),
+            _ => {
+                return Err(invalid(
+                    &key("allowed_origins"),
+                    origin,
+                    "origins like https://shop.example or http://localhost:3000, without a path",
+                ))
+            }
+        }
+    }
     let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
     Ok(SiteConfig {
         name,
@@ -422,6 +472,9 @@ fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> 
         user_room_prefix: non_empty(raw.user_room_prefix),
         update_user_url: non_empty(raw.update_user_url),
         public_channel: non_empty(raw.public_channel),
+        rate_limit_per_sec: raw.rate_limit_per_sec,
+        rate_limit_burst: raw.rate_limit_burst.max(1),
+        allowed_origins,
     })
 }
 
@@ -567,6 +620,8 @@ impl fmt::Display for Config {
         writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
         writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;
         writeln!(f, "max_rooms_per_request = {}", s.max_rooms_per_request)?;
+        writeln!(f, "max_message_bytes = {}", s.max_message_bytes)?;
+        writeln!(f, "idempotency_window_secs = {}", s.idempotency_window.as_secs())?;
         writeln!(f, "max_queue_len = {}", s.queue_limits.max_len)?;
         writeln!(f, "max_queue_bytes = {}", s.queue_limits.max_bytes)?;
         writeln!(f, "max_concurrent_auth = {}", s.max_concurrent_auth)?;
@@ -587,6 +642,9 @@ impl fmt::Display for Config {
             writeln!(f, "user_room_prefix = {}", opt(&site.user_room_prefix))?;
             writeln!(f, "update_user_url = {}", opt(&site.update_user_url))?;
             writeln!(f, "public_channel = {}", opt(&site.public_channel))?;
+            writeln!(f, "rate_limit_per_sec = {}", site.rate_limit_per_sec)?;
+            writeln!(f, "rate_limit_burst = {}", site.rate_limit_burst)?;
+            writeln!(f, "allowed_origins = {:?}", site.allowed_origins)?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::delivery::SendError;
 use crate::store::StoreError;
 
 /// Why an HTTP request failed.
@@ -30,9 +31,35 @@ pub enum ApiError {
     /// The body's content type is not one we read.
     #[error("Unsupported Content-Type {0:?}: send application/json or application/x-www-form-urlencoded.")]
     UnsupportedMediaType(String),
+    /// The site's rate limit is exhausted.
+    #[error("Rate limit of this site exceeded; retry after {} s.", retry_after_secs(*retry_after))]
+    RateLimited {
+        /// How long until a request would pass.
+        retry_after: std::time::Duration,
+    },
+    /// The message is larger than `max_message_bytes`.
+    #[error("{0}")]
+    MessageTooLarge(String),
+    /// An `Idempotency-Key` was reused for a different request.
+    #[error("{0}")]
+    KeyReused(String),
     /// The store could not make the message durable. Nothing was answered 200.
     #[error("Message not stored: storage unavailable.")]
     Storage(#[from] StoreError),
+}
+
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+impl From<SendError> for ApiError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::TooLarge { .. } => Self::MessageTooLarge(e.to_string()),
+            SendError::KeyReused => Self::KeyReused(e.to_string()),
+            SendError::Store(e) => Self::Storage(e),
+        }
+    }
 }
 
 impl ApiError {
@@ -40,7 +67,9 @@ impl ApiError {
         match self {
             Self::MissingSiteOrKey | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::InvalidKey => StatusCode::UNAUTHORIZED,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge { .. } | Self::MessageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Storage(StoreError::Io(_)) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -56,6 +85,10 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = status.as_u16(), reason = %self, "request refused");
         }
-        (status, self.to_string()).into_response()
+        let mut response = (status, self.to_string()).into_response();
+        if let Self::RateLimited { retry_after } = &self {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after_secs(*retry_after).into());
+        }
+        response
     }
 }

@@ -131,6 +131,25 @@ fn bad_values_name_the_key_the_value_and_what_is_accepted() {
 }
 
 #[test]
+fn site_limits_and_origins_have_defaults_and_are_checked() {
+    let site = "[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"k\"\n";
+    let config = Config::from_toml(site).unwrap();
+    let a = &config.sites["a"];
+    assert_eq!((a.rate_limit_per_sec, a.rate_limit_burst), (1000, 2000));
+    assert!(a.allowed_origins.is_empty());
+    let config = Config::from_toml(&format!(
+        "{site}allowed_origins = [\"https://shop.example\", \"http://localhost:3000/\"]\nrate_limit_per_sec = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(config.sites["a"].allowed_origins, ["https://shop.example", "http://localhost:3000"]);
+    assert_eq!(config.sites["a"].rate_limit_per_sec, 0);
+    for bad in ["shop.example", "https://shop.example/path", "ftp://x"] {
+        let err = Config::from_toml(&format!("{site}allowed_origins = [\"{bad}\"]\n")).unwrap_err().to_string();
+        assert!(err.contains("sites.a.allowed_origins") && err.contains(bad), "{err}");
+    }
+}
+
+#[test]
 fn empty_optional_settings_mean_unset() {
     let config =
         from_env(&[("SITE_NAME", "s"), ("AUTH_URL", "http://a.test"), ("API_KEY", "k"), ("USER_ROOM_PREFIX", "")])

@@ -22,7 +22,7 @@ use socketioxide::SocketIo;
 use crate::callbacks::{Callbacks, Presence};
 use crate::config::SiteConfig;
 use crate::metrics;
-use crate::store::{CheckedAck, DeviceKey, Expiry, Millis, QueueLimits, Store, StoreError};
+use crate::store::{CheckedAck, DeviceKey, Expiry, Idempotency, Millis, QueueLimits, Replay, Store, StoreError};
 
 pub use self::ack::acked;
 
@@ -72,6 +72,29 @@ pub struct Settings {
     pub device_ttl: Duration,
     /// See `ServerConfig::queue_limits`.
     pub queue_limits: QueueLimits,
+    /// See `ServerConfig::max_message_bytes`.
+    pub max_message_bytes: usize,
+    /// See `ServerConfig::idempotency_window`.
+    pub idempotency_window: Duration,
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The stored form would exceed `max_message_bytes`.
+    #[error("The message is {size} bytes as [event, ...args] JSON; server.max_message_bytes is {max}.")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The `Idempotency-Key` was used before for a different request.
+    #[error("This Idempotency-Key was already used for a different request.")]
+    KeyReused,
+    /// The store failed; nothing was accepted.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// How a `POST /send` was carried out.
@@ -81,6 +104,8 @@ pub struct Sent {
     pub stored: usize,
     /// Devices it was emitted to live.
     pub live: usize,
+    /// A retry of an earlier request with the same `Idempotency-Key`: nothing was done.
+    pub replayed: bool,
 }
 
 /// The delivery service. Share it as `Arc<Delivery>`.
@@ -138,17 +163,40 @@ impl Delivery {
 
     /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
     /// otherwise. Returns once every queued copy is durable.
-    pub async fn send(&self, site: &SiteConfig, msg: &Message) -> Result<Sent, StoreError> {
+    ///
+    /// With an idempotency key (`Idempotency-Key` and a fingerprint of the request), a retry
+    /// within `idempotency_window` does nothing and says so; the key is stored with the message.
+    pub async fn send(&self, site: &SiteConfig, msg: &Message, key: Option<(String, u64)>) -> Result<Sent, SendError> {
+        let entry: Arc<str> = msg.entry().into();
+        if entry.len() > self.settings.max_message_bytes {
+            return Err(SendError::TooLarge { size: entry.len(), max: self.settings.max_message_bytes });
+        }
+        let expiry = self.expiry();
+        let window = self.settings.idempotency_window.as_millis() as u64;
+        let idempotency =
+            key.map(|(key, fingerprint)| Idempotency { key, fingerprint, expires_at: expiry.now + window });
+        let users = if site.reliable() { self.targets(site, &msg.rooms).await? } else { Vec::new() };
+        if users.is_empty() && idempotency.is_none() {
+            if !site.reliable() {
+                self.broadcast(site, msg).await;
+            }
+            return Ok(Sent::default());
+        }
+        // Outside reliable mode this stores only the idempotency key.
+        let limits = self.settings.queue_limits;
+        let out = self.store.enqueue(&site.name, &users, entry, expiry, limits, idempotency).await?;
+        match out.replay {
+            Some(Replay::Same) => {
+                tracing::info!(site = %site.name, event = %msg.event, "retry with a known Idempotency-Key: nothing done");
+                return Ok(Sent { replayed: true, ..Sent::default() });
+            }
+            Some(Replay::Different) => return Err(SendError::KeyReused),
+            None => {}
+        }
         if !site.reliable() {
             self.broadcast(site, msg).await;
             return Ok(Sent::default());
         }
-        let users = self.targets(site, &msg.rooms).await?;
-        if users.is_empty() {
-            return Ok(Sent::default());
-        }
-        let entry: Arc<str> = msg.entry().into();
-        let out = self.store.enqueue(&site.name, &users, entry, self.expiry(), self.settings.queue_limits).await?;
         out.expired.iter().for_each(forgotten);
         for (dev, dropped) in &out.overflowed {
             tracing::warn!(site = %dev.site, room = %dev.user, device = %dev.device, dropped, "queue full: oldest messages dropped, device will get _resync");
@@ -195,7 +243,7 @@ impl Delivery {
         }
         metrics::delivered_live(&site.name, live as u64);
         tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored = out.devices.len(), live, "message stored");
-        Ok(Sent { stored: out.devices.len(), live })
+        Ok(Sent { stored: out.devices.len(), live, replayed: false })
     }
 
     /// The user rooms a message goes to: its user rooms, and the users of its shared rooms.
@@ -390,7 +438,12 @@ mod tests {
         }
         let (_svc, io) = SocketIo::new_svc();
         let callbacks = Callbacks::new(&config.server).unwrap();
-        let settings = Settings { device_ttl: config.server.device_ttl, queue_limits: config.server.queue_limits };
+        let settings = Settings {
+            device_ttl: config.server.device_ttl,
+            queue_limits: config.server.queue_limits,
+            max_message_bytes: config.server.max_message_bytes,
+            idempotency_window: config.server.idempotency_window,
+        };
         let site = Arc::new(config.sites["shop"].clone());
         (Delivery::new(Arc::new(store), io, callbacks, settings), site)
     }
@@ -419,9 +472,30 @@ mod tests {
     async fn messages_to_users_that_never_connected_store_nothing() {
         let (delivery, site) = delivery_with(&[("user_1", &["user_1"])]).await;
         let msg = Message { rooms: rooms(&["user_2", "staff"]), event: "e".into(), args: vec![], resync: false };
-        assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent::default());
+        assert_eq!(delivery.send(&site, &msg, None).await.unwrap(), Sent::default());
         let msg = Message { rooms: rooms(&["user_1"]), ..msg };
-        assert_eq!(delivery.send(&site, &msg).await.unwrap(), Sent { stored: 1, live: 0 });
+        assert_eq!(delivery.send(&site, &msg, None).await.unwrap(), Sent { stored: 1, live: 0, replayed: false });
+    }
+
+    #[tokio::test]
+    async fn oversized_messages_are_refused_before_anything_is_stored() {
+        let (delivery, site) = delivery_with(&[("user_1", &["user_1"])]).await;
+        let big = Value::String("x".repeat(512 * 1024));
+        let msg = Message { rooms: rooms(&["user_1"]), event: "e".into(), args: vec![big], resync: false };
+        let err = delivery.send(&site, &msg, None).await.unwrap_err();
+        assert!(matches!(err, SendError::TooLarge { max: 524_288, .. }), "{err}");
+        assert!(delivery.store().pending(&DeviceKey::new("shop", "user_1", "d")).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retried_request_is_answered_like_the_first_and_a_reused_key_is_refused() {
+        let (delivery, site) = delivery_with(&[("user_1", &["user_1"])]).await;
+        let msg = Message { rooms: rooms(&["user_1"]), event: "e".into(), args: vec![], resync: false };
+        let key = |fp| Some(("retry-1".to_string(), fp));
+        assert_eq!(delivery.send(&site, &msg, key(1)).await.unwrap().stored, 1);
+        assert!(delivery.send(&site, &msg, key(1)).await.unwrap().replayed);
+        assert!(matches!(delivery.send(&site, &msg, key(2)).await, Err(SendError::KeyReused)));
+        assert_eq!(delivery.store().pending(&DeviceKey::new("shop", "user_1", "d")).await.unwrap().len(), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod demo;
 pub(crate) mod health;
+mod limit;
 pub mod publish;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +26,8 @@ use crate::delivery::Delivery;
 use crate::reload::Reloader;
 use crate::sites::Sites;
 
+pub use self::limit::RateLimiter;
+
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -40,6 +43,8 @@ pub struct AppState {
     pub reloader: Option<Arc<Reloader>>,
     /// Recent totals, for the status page's rates.
     pub history: Arc<History>,
+    /// Per-site `/send` rate limits.
+    pub limiter: Arc<RateLimiter>,
 }
 
 /// Request ids: a process-wide counter, short and unique per run.

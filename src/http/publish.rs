@@ -30,12 +30,15 @@ pub async fn send(State(state): State<AppState>, request: Request<Body>) -> Resu
         _ => return Err(ApiError::InvalidKey),
     };
     let started = std::time::Instant::now();
+    state.limiter.check(&site, started).map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let max = state.server.max_body_bytes;
     let body = axum::body::to_bytes(body, max).await.map_err(|_| ApiError::TooLarge { max })?;
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let resync = parse_bool("resync", params.resync.as_deref())?;
     let msg = parse_message(content_type, &body, resync, state.server.max_rooms_per_request)?;
-    state.delivery.send(&site, &msg).await?;
+    let key = idempotency_key(&parts.headers)?
+        .map(|key| (key, fingerprint(&[content_type.as_bytes(), &body, &[u8::from(resync)]])));
+    state.delivery.send(&site, &msg, key).await?;
     crate::metrics::accepted(&site.name, started.elapsed());
     Ok("OK")
 }
@@ -68,6 +71,29 @@ impl Params {
         p.api_key = p.api_key.filter(|s| !s.is_empty());
         p
     }
+}
+
+/// The `Idempotency-Key` header, if any: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.".into())),
+    }
+}
+
+/// FNV-1a over the parts: a stable fingerprint telling a retry from a different request.
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain(&[0xff]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// `true`/`1` on, `false`/`0`/absent off, anything else a 400.

@@ -10,6 +10,7 @@
 //! | `d`  | site, user room, device        | `DeviceState` (JSON)       |
 //! | `u`  | site, user room                | room list (JSON)           |
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
+//! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |
 //! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), then the entry `[event, ...args]` |
 
 use super::{DeviceKey, MessageId, Millis, StoreError};
@@ -18,6 +19,7 @@ pub(super) const DEVICE: u8 = b'd';
 pub(super) const USER: u8 = b'u';
 pub(super) const ROOM: u8 = b'r';
 pub(super) const QUEUE: u8 = b'q';
+pub(super) const IDEMPOTENCY: u8 = b'k';
 
 /// Longest name part a key can hold.
 pub(super) const MAX_PART: usize = u16::MAX as usize;
@@ -87,6 +89,23 @@ pub(super) fn split_queued_value(value: &[u8]) -> Option<(Millis, &str)> {
 /// The entry's length in a queue value (what `queue_bytes` counts).
 pub(super) fn queued_entry_len(value: &[u8]) -> u64 {
     value.len().saturating_sub(8) as u64
+}
+
+/// An idempotency record's key.
+pub(super) fn idempotency(site: &str, idempotency_key: &str) -> Result<Vec<u8>, StoreError> {
+    key(IDEMPOTENCY, &[site, idempotency_key])
+}
+
+/// An idempotency record's value.
+pub(super) fn idempotency_value(fingerprint: u64, expires_at: Millis) -> Vec<u8> {
+    [fingerprint.to_be_bytes(), expires_at.to_be_bytes()].concat()
+}
+
+/// The fingerprint and expiry of an idempotency record.
+pub(super) fn split_idempotency_value(value: &[u8]) -> Option<(u64, Millis)> {
+    let fingerprint: [u8; 8] = value.get(..8)?.try_into().ok()?;
+    let expires_at: [u8; 8] = value.get(8..16)?.try_into().ok()?;
+    Some((u64::from_be_bytes(fingerprint), Millis::from_be_bytes(expires_at)))
 }
 
 /// Splits a key into its parts (after the kind byte); `None` if it is not well formed.

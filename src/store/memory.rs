@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
-    QueueLimits, Queued, SiteStats, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
+    Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -26,6 +26,8 @@ struct State {
     /// (site, user room) -> that user's latest room list.
     users: BTreeMap<(String, String), Vec<String>>,
     queues: HashMap<DeviceKey, BTreeMap<MessageId, Queued>>,
+    /// (site, idempotency key) -> (fingerprint, expires at).
+    keys: HashMap<(String, String), (u64, Millis)>,
     next_id: MessageId,
 }
 
@@ -133,8 +135,16 @@ impl Store for MemoryStore {
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,
+        idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
         let mut state = self.lock();
+        if let Some(idem) = &idempotency {
+            let slot = (site.to_owned(), idem.key.clone());
+            if let Some(replay) = idem.replay_of(state.keys.get(&slot).copied(), expiry.now) {
+                return Ok(Enqueued { replay: Some(replay), ..Enqueued::default() });
+            }
+            state.keys.insert(slot, (idem.fingerprint, idem.expires_at));
+        }
         let id = state.next_id;
         state.next_id += 1;
         let mut out = Enqueued { id, ..Enqueued::default() };
@@ -203,6 +213,7 @@ impl Store for MemoryStore {
         for dev in &expired {
             state.forget(dev);
         }
+        state.keys.retain(|_, (_, expires_at)| *expires_at > expiry.now);
         Ok(expired)
     }
 

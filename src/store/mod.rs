@@ -66,6 +66,14 @@ pub struct Expiry {
     pub ttl_ms: u64,
 }
 
+impl Idempotency {
+    /// How a request carrying this key relates to the record of an earlier one, if any.
+    fn replay_of(&self, earlier: Option<(u64, Millis)>, now: Millis) -> Option<Replay> {
+        let (fingerprint, _) = earlier.filter(|(_, expires_at)| *expires_at > now)?;
+        Some(if fingerprint == self.fingerprint { Replay::Same } else { Replay::Different })
+    }
+}
+
 impl SiteStats {
     /// Counts one device in.
     fn add(&mut self, device: &DeviceState) {
@@ -138,6 +146,27 @@ pub struct DeviceInfo {
     pub oldest_queued_at: Option<Millis>,
 }
 
+/// A `/send` retry guard: the first request with `key` is stored, a repeat within the window is
+/// answered like it and stores nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The `Idempotency-Key` the website sent.
+    pub key: String,
+    /// A hash of the request, to tell a retry from a different request reusing the key.
+    pub fingerprint: u64,
+    /// When the key may be forgotten.
+    pub expires_at: Millis,
+}
+
+/// A repeated `Idempotency-Key`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// The same request again: nothing was stored.
+    Same,
+    /// Another request with a used key: nothing was stored.
+    Different,
+}
+
 /// The result of queueing one message.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Enqueued {
@@ -149,6 +178,8 @@ pub struct Enqueued {
     pub expired: Vec<DeviceKey>,
     /// Devices whose oldest messages were dropped to make room, with how many.
     pub overflowed: Vec<(DeviceKey, u64)>,
+    /// Set when the idempotency key was seen before: then nothing else was done.
+    pub replay: Option<Replay>,
 }
 
 /// What a device learns when it connects.
@@ -223,7 +254,9 @@ pub trait Store: Send + Sync + 'static {
     async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError>;
 
     /// Appends `entry` to the queue of every live device of every user in `users`, forgetting
-    /// expired devices on the way. Returns once durable.
+    /// expired devices on the way. With `idempotency`, a key seen before (and not expired)
+    /// makes this a no-op that says so; a new key is stored with the message, atomically.
+    /// Returns once durable.
     async fn enqueue(
         &self,
         site: &str,
@@ -231,6 +264,7 @@ pub trait Store: Send + Sync + 'static {
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,
+        idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError>;
 
     /// The device's queue, oldest first.
@@ -243,7 +277,8 @@ pub trait Store: Send + Sync + 'static {
     /// message of `event` (see [`CheckedAck`]).
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError>;
 
-    /// Forgets every expired device with its queue, and returns them.
+    /// Forgets every expired device with its queue, and every expired idempotency key, and
+    /// returns the devices.
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError>;
 
     /// What is known about one device, if anything.

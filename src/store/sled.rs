@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
 use super::{
-    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, MessageId, Millis,
-    QueueLimits, Queued, SiteStats, Store, StoreError,
+    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
+    Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
 };
 
 /// The layout version this build reads and writes.
@@ -383,12 +383,27 @@ impl Store for SledStore {
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,
+        idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
         let (site, users) = (site.to_owned(), users.to_vec());
         self.write(true, move |w| {
+            let mut batch = Batch::default();
+            if let Some(idem) = &idempotency {
+                let key = keys::idempotency(&site, &idem.key)?;
+                let earlier = match w.tree.get(&key).map_err(io)? {
+                    Some(v) => Some(
+                        keys::split_idempotency_value(&v)
+                            .ok_or_else(|| StoreError::Corrupt { key: keys::show(&key) })?,
+                    ),
+                    None => None,
+                };
+                if let Some(replay) = idem.replay_of(earlier, expiry.now) {
+                    return Ok(Enqueued { replay: Some(replay), ..Enqueued::default() });
+                }
+                batch.insert(key, keys::idempotency_value(idem.fingerprint, idem.expires_at));
+            }
             let id = w.db.generate_id().map_err(io)?;
             let mut out = Enqueued { id, ..Enqueued::default() };
-            let mut batch = Batch::default();
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
                 for item in w.tree.scan_prefix(keys::devices_of(&site, user)?) {
@@ -495,6 +510,16 @@ impl Store for SledStore {
                     w.tree.apply_batch(batch).map_err(io)?;
                 }
             }
+            let mut batch = Batch::default();
+            for item in w.tree.scan_prefix([keys::IDEMPOTENCY]) {
+                let (k, v) = item.map_err(io)?;
+                let (_, expires_at) =
+                    keys::split_idempotency_value(&v).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
+                if expires_at <= expiry.now {
+                    batch.remove(k);
+                }
+            }
+            w.tree.apply_batch(batch).map_err(io)?;
             Ok(expired)
         })
         .await

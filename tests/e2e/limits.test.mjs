@@ -103,3 +103,66 @@ test("log_format = json writes one JSON object per line", async () => {
     await server.cleanup();
   }
 });
+
+test("Idempotency-Key: a retry, even after kill -9, is answered like the first and stores nothing new", async () => {
+  const first = await startServer(oldEnv(website));
+  const opts = { token: "t-gina", deviceId: "idem" };
+  (await ready("v4", first, opts)).close();
+  await disconnected(first, opts.deviceId);
+  const body = { rooms: "user_7", event: "charge", args: [{ order: 42 }] };
+  const headers = { "Idempotency-Key": "order-42" };
+  assert.deepEqual(await send(first, { body, headers }), { status: 200, text: "OK" });
+  assert.deepEqual(await send(first, { body, headers }), { status: 200, text: "OK" });
+  // The website times out, the service dies, the website retries against the restarted service.
+  await first.kill();
+  const second = await startServer(oldEnv(website), { dataDir: first.dataDir });
+  try {
+    assert.deepEqual(await send(second, { body, headers }), { status: 200, text: "OK" });
+    const reused = await send(second, { body: { ...body, args: [{ order: 43 }] }, headers });
+    assert.equal(reused.status, 422);
+    assert.match(reused.text, /Idempotency-Key was already used for a different request/);
+    const bad = await send(second, { body, headers: { "Idempotency-Key": "has space" } });
+    assert.equal(bad.status, 400);
+    const c = await ready("v2", second, opts);
+    const batch = await c.waitFor("_batch");
+    assert.deepEqual(batch[1], [["charge", { order: 42 }]], "stored once");
+    ackOf(batch)();
+    c.close();
+  } finally {
+    await second.cleanup();
+  }
+});
+
+test("a site over its rate limit gets 429 with Retry-After; messages over max_message_bytes get 413", async () => {
+  const server = await startServer(oldEnv(website, {
+    SIO_PUSH_SITES__SHOP__RATE_LIMIT_PER_SEC: "1",
+    SIO_PUSH_SITES__SHOP__RATE_LIMIT_BURST: "3",
+    SIO_PUSH_SERVER__MAX_MESSAGE_BYTES: "1000",
+  }));
+  try {
+    const statuses = [];
+    for (let i = 0; i < 5; i++) {
+      const res = await fetch(`${server.url}/send?site=shop&apiKey=secret-key`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ rooms: "user_7", event: "e", args: [i] }),
+      });
+      statuses.push(res.status);
+      if (res.status === 429) {
+        assert.match(res.headers.get("retry-after"), /^[1-9]\d*$/);
+        assert.match(await res.text(), /Rate limit of this site exceeded/);
+      }
+    }
+    assert.deepEqual(statuses, [200, 200, 200, 429, 429]);
+  } finally {
+    await server.cleanup();
+  }
+  const small = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_MESSAGE_BYTES: "1000" }));
+  try {
+    const res = await send(small, { body: { rooms: "user_7", event: "e", args: ["x".repeat(2000)] } });
+    assert.equal(res.status, 413);
+    assert.match(res.text, /max_message_bytes is 1000/);
+  } finally {
+    await small.cleanup();
+  }
+});

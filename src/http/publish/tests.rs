@@ -90,6 +90,22 @@ fn resync_is_a_real_boolean() {
 }
 
 #[test]
+fn idempotency_keys_are_checked_and_fingerprints_tell_requests_apart() {
+    let mut headers = HeaderMap::new();
+    assert_eq!(idempotency_key(&headers).unwrap(), None);
+    headers.insert("idempotency-key", "order-42/retry".parse().unwrap());
+    assert_eq!(idempotency_key(&headers).unwrap().as_deref(), Some("order-42/retry"));
+    headers.insert("idempotency-key", "has space".parse().unwrap());
+    assert!(idempotency_key(&headers).is_err());
+    headers.insert("idempotency-key", "x".repeat(256).parse().unwrap());
+    assert!(idempotency_key(&headers).is_err());
+    let a = fingerprint(&[b"application/json", b"{}", &[0]]);
+    assert_eq!(a, fingerprint(&[b"application/json", b"{}", &[0]]));
+    assert_ne!(a, fingerprint(&[b"application/json", b"{}", &[1]]));
+    assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
+}
+
+#[test]
 fn the_api_key_header_stands_in_for_the_query() {
     let mut headers = HeaderMap::new();
     let p = Params::parse("site=s&apiKey=q", &headers);
