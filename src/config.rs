@@ -154,6 +154,12 @@ impl SiteConfig {
         self.user_room_prefix.is_some()
     }
 
+    /// Browsers on `origin` may connect: it is listed, or the site lists none. Clients that send
+    /// no `Origin` (apps, servers) are not browsers on another origin and are not checked.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|o| o == origin)
+    }
+
     /// A user room or the public channel: a room whose devices get their own queues.
     pub fn is_user_room(&self, room: &str) -> bool {
         self.user_room_prefix.as_deref().is_some_and(|p| room.starts_with(p))
@@ -525,11 +531,14 @@ pub(crate) fn set(doc: &mut toml::Table, path: &[&str], value: toml::Value) {
     table.insert(last.to_string(), value);
 }
 
-/// A value from the environment: a TOML scalar if it reads as one, else the text.
+/// A value from the environment: a TOML number, boolean or array if it reads as one, else the
+/// text.
 fn env_value(text: &str) -> toml::Value {
     match format!("v = {text}").parse::<toml::Table>() {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_))) => v,
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) | toml::Value::Array(_)),
+            ) => v,
             _ => text.into(),
         },
         Err(_) => text.into(),

@@ -26,6 +26,9 @@ pub enum AuthError {
     /// The call failed or its answer was not a JSON array of strings.
     #[error("Auth error: {0}")]
     Other(String),
+    /// A browser on an origin the site does not list in `allowed_origins`.
+    #[error("Origin not allowed")]
+    OriginNotAllowed,
     /// The site was removed by a reload while the client was connecting.
     #[error("Invalid namespace")]
     UnknownSite,

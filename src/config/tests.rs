@@ -91,6 +91,24 @@ fn environment_overrides_the_file_and_flags_override_both() {
 }
 
 #[test]
+fn nested_environment_keys_take_numbers_booleans_arrays_and_text() {
+    let config = from_env(&[
+        ("SITE_NAME", "shop"),
+        ("AUTH_URL", "http://a.test"),
+        ("API_KEY", "k"),
+        ("SIO_PUSH_SITES__SHOP__ALLOWED_ORIGINS", r#"["https://shop.example"]"#),
+        ("SIO_PUSH_SITES__SHOP__RATE_LIMIT_PER_SEC", "5"),
+        ("SIO_PUSH_SERVER__DEMO", "true"),
+        ("SIO_PUSH_SITES__SHOP__AUTH_SCHEME", "Token"),
+    ])
+    .unwrap();
+    let shop = &config.sites["shop"];
+    assert_eq!(shop.allowed_origins, ["https://shop.example"]);
+    assert_eq!((shop.rate_limit_per_sec, shop.auth_scheme.as_str()), (5, "Token"));
+    assert!(config.server.demo);
+}
+
+#[test]
 fn sio_push_data_dir_sets_the_data_dir() {
     let config = from_env(&[("SIO_PUSH_DATA_DIR", "/var/lib/x")]).unwrap();
     assert_eq!(config.server.data_dir, PathBuf::from("/var/lib/x"));

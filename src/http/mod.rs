@@ -16,7 +16,7 @@ use axum::http::{HeaderValue, Request};
 use axum::routing::{get, post};
 use axum::Router;
 use socketioxide::layer::SocketIoLayer;
-use tower_http::cors::CorsLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -58,6 +58,22 @@ impl MakeRequestId for Counter {
     }
 }
 
+/// CORS for socket.io's long-polling: browsers on a website's origin poll across origins, as
+/// socket.io 1.x allowed. The engine.io request does not name a site yet, so an origin passes if
+/// any site allows it (each site's own list is enforced when the client joins its namespace).
+/// Nothing else gets CORS headers: `/send` is for servers.
+fn socket_io_cors(sites: Sites) -> CorsLayer {
+    let allow = AllowOrigin::predicate(move |origin, parts| {
+        parts.uri.path().starts_with("/socket.io/")
+            && origin.to_str().is_ok_and(|origin| sites.all().iter().any(|s| s.allows_origin(origin)))
+    });
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_credentials(true)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+}
+
 /// The whole router: HTTP routes, socket.io, request ids and tracing.
 pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
@@ -70,10 +86,10 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
         app = app.merge(demo::routes());
     }
     let header = axum::http::HeaderName::from_static("x-request-id");
+    let cors = socket_io_cors(state.sites.clone());
     app.with_state(state)
         .layer(socketio)
-        // Browsers on the website's origin long-poll across origins, as socket.io 1.x allowed.
-        .layer(CorsLayer::very_permissive())
+        .layer(cors)
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             // The path only: the query may hold an API key or a token.
             let route = req.uri().path();

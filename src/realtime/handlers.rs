@@ -52,6 +52,11 @@ pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Deli
         let Some(site) = sites.get(&name) else {
             return Err(refuse(AuthError::UnknownSite));
         };
+        if let Some(origin) = socket.req_parts().headers.get(axum::http::header::ORIGIN) {
+            if !site.allows_origin(origin.to_str().unwrap_or("")) {
+                return Err(refuse(AuthError::OriginNotAllowed));
+            }
+        }
         let q = query(&socket);
         if q.device.len() > MAX_DEVICE_ID {
             return Err(refuse(AuthError::Other(format!("deviceId is longer than {MAX_DEVICE_ID} bytes"))));

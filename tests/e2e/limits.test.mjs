@@ -166,3 +166,29 @@ test("a site over its rate limit gets 429 with Retry-After; messages over max_me
     await small.cleanup();
   }
 });
+
+test("allowed_origins: browsers elsewhere are refused, listed origins and origin-less apps connect; polling CORS follows", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SITES__SHOP__ALLOWED_ORIGINS: '["https://shop.example"]' }));
+  try {
+    for (const version of VERSIONS) {
+      const evil = client(version, server, { token: "t-gina", transports: ["websocket"], extraHeaders: { Origin: "https://evil.example" } });
+      assert.equal(await evil.refusal(), "Origin not allowed");
+      evil.close();
+      const good = client(version, server, { token: "t-gina", deviceId: "origin", transports: ["websocket"], extraHeaders: { Origin: "https://shop.example" } });
+      await good.connected;
+      good.close();
+      const app = client(version, server, { token: "t-gina", deviceId: "origin-app" });
+      await app.connected;
+      app.close();
+    }
+    const handshake = (origin) => fetch(`${server.url}/socket.io/?EIO=4&transport=polling`, { headers: { Origin: origin } });
+    const listed = await handshake("https://shop.example");
+    assert.equal(listed.headers.get("access-control-allow-origin"), "https://shop.example");
+    assert.equal(listed.headers.get("access-control-allow-credentials"), "true");
+    assert.equal((await handshake("https://evil.example")).headers.get("access-control-allow-origin"), null);
+    const send = await fetch(`${server.url}/send?site=shop&apiKey=secret-key`, { method: "POST", headers: { Origin: "https://shop.example", "Content-Type": "application/json" }, body: '{"rooms":"user_7","event":"e"}' });
+    assert.equal(send.headers.get("access-control-allow-origin"), null, "/send is for servers: no CORS");
+  } finally {
+    await server.cleanup();
+  }
+});
