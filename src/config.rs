@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub ping_timeout: Duration,
     /// How long a live message waits for its ack before it is left for the next `_batch`.
     pub ack_timeout: Duration,
+    /// Packets buffered per socket; a client that lets it fill is disconnected.
+    pub max_buffer_packets: usize,
     /// Timeout of one call to a site's auth endpoint.
     pub auth_timeout: Duration,
     /// Timeout of one presence callback (`update_user_url`).
@@ -236,6 +238,7 @@ struct RawServer {
     ping_interval_ms: u64,
     ping_timeout_ms: u64,
     ack_timeout_secs: u64,
+    max_buffer_packets: u64,
     auth_timeout_ms: u64,
     callback_timeout_ms: u64,
     max_body_bytes: u64,
@@ -263,6 +266,7 @@ impl Default for RawServer {
             ping_interval_ms: 25_000,
             ping_timeout_ms: 20_000,
             ack_timeout_secs: 300,
+            max_buffer_packets: 128,
             auth_timeout_ms: 10_000,
             callback_timeout_ms: 10_000,
             max_body_bytes: 1024 * 1024,
@@ -397,6 +401,7 @@ impl Config {
             ping_interval: Duration::from_millis(positive("server.ping_interval_ms", s.ping_interval_ms)?),
             ping_timeout: Duration::from_millis(positive("server.ping_timeout_ms", s.ping_timeout_ms)?),
             ack_timeout: Duration::from_secs(positive("server.ack_timeout_secs", s.ack_timeout_secs)?),
+            max_buffer_packets: positive("server.max_buffer_packets", s.max_buffer_packets)? as usize,
             auth_timeout: Duration::from_millis(positive("server.auth_timeout_ms", s.auth_timeout_ms)?),
             callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
@@ -625,6 +630,7 @@ impl fmt::Display for Config {
         writeln!(f, "ping_interval_ms = {}", s.ping_interval.as_millis())?;
         writeln!(f, "ping_timeout_ms = {}", s.ping_timeout.as_millis())?;
         writeln!(f, "ack_timeout_secs = {}", s.ack_timeout.as_secs())?;
+        writeln!(f, "max_buffer_packets = {}", s.max_buffer_packets)?;
         writeln!(f, "auth_timeout_ms = {}", s.auth_timeout.as_millis())?;
         writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
         writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;

@@ -84,6 +84,7 @@ fn describe() {
     describe_counter!("sio_push_messages_dropped_total", "Messages dropped from full queues");
     describe_counter!("sio_push_devices_expired_total", "Devices forgotten after device_ttl");
     describe_counter!("sio_push_resyncs_total", "_resync events sent");
+    describe_counter!("sio_push_slow_consumers_total", "Sockets disconnected because their buffer was full");
     describe_counter!("sio_push_auth_requests_total", "Calls to auth_url, by outcome");
     describe_histogram!("sio_push_auth_duration_seconds", Unit::Seconds, "Latency of auth_url calls");
     describe_counter!("sio_push_presence_callbacks_total", "Presence PUTs to update_user_url, by outcome");
@@ -143,6 +144,11 @@ pub fn dropped(site: &str, n: u64) {
 /// A device expired.
 pub fn expired(site: &str) {
     counter!("sio_push_devices_expired_total", "site" => site.to_owned()).increment(1);
+}
+
+/// A socket was disconnected for not reading.
+pub fn slow_consumer(site: &str) {
+    counter!("sio_push_slow_consumers_total", "site" => site.to_owned()).increment(1);
 }
 
 /// A `_resync` was sent.

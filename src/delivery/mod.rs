@@ -236,9 +236,7 @@ impl Delivery {
                         }
                     });
                 }
-                Err(e) => {
-                    tracing::debug!(site = %dev.site, device = %dev.device, error.message = %e, "live emit failed: message stays queued")
-                }
+                Err(e) => emit_failed(&socket, dev, &e),
             }
         }
         metrics::delivered_live(&site.name, live as u64);
@@ -360,9 +358,7 @@ impl Delivery {
                     }
                 });
             }
-            Err(e) => {
-                tracing::debug!(site = %dev.site, device = %dev.device, error.message = %e, "_batch not sent: stays queued")
-            }
+            Err(e) => emit_failed(socket, &dev, &e),
         }
     }
 
@@ -406,6 +402,20 @@ impl Delivery {
 fn forgotten(dev: &DeviceKey) {
     tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, "device expired: forgotten with its queue");
     metrics::expired(&dev.site);
+}
+
+/// Handles an emit that could not be queued for a socket; what it carried stays in the store.
+/// A full buffer means the client stopped reading: it is disconnected, so that neither it nor its
+/// buffer lingers until the heartbeat times out.
+fn emit_failed(socket: &SocketRef, dev: &DeviceKey, e: &socketioxide::SendError) {
+    use socketioxide::{SendError, SocketError};
+    if matches!(e, SendError::Socket(SocketError::InternalChannelFull)) {
+        tracing::warn!(site = %dev.site, room = %dev.user, device = %dev.device, sid = %socket.id, "slow consumer: its buffer is full, disconnected; its messages stay queued");
+        metrics::slow_consumer(&dev.site);
+        let _ = socket.clone().disconnect();
+    } else {
+        tracing::debug!(site = %dev.site, device = %dev.device, error.message = %e, "emit failed: the message stays queued");
+    }
 }
 
 /// Tells a client to resync (no arguments).

@@ -26,6 +26,7 @@ pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
         .ping_interval(server.ping_interval)
         .ping_timeout(server.ping_timeout)
         .ack_timeout(server.ack_timeout)
+        .max_buffer_size(server.max_buffer_packets)
         .build_layer()
 }
 

@@ -87,7 +87,13 @@ impl Sync {
                 let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(started);
                 // Compare with a second of slack: file times can be coarser than the clock.
                 if modified + std::time::Duration::from_secs(1) >= self.last_round {
-                    std::fs::File::open(entry.path())?.sync_data()?;
+                    // sled deletes a blob once a newer version of its page is written: one that
+                    // is gone is no longer referenced and needs no sync.
+                    match std::fs::File::open(entry.path()) {
+                        Ok(blob) => blob.sync_data()?,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    }
                     synced_blob = true;
                 }
             }

@@ -3,7 +3,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
-import { startWebsite, startServer, oldEnv, client, ready, send, ackOf, disconnected, VERSIONS } from "./helpers.mjs";
+import { startWebsite, startServer, oldEnv, client, ready, send, ackOf, disconnected, within, VERSIONS } from "./helpers.mjs";
 
 let website;
 
@@ -188,6 +188,45 @@ test("allowed_origins: browsers elsewhere are refused, listed origins and origin
     assert.equal((await handshake("https://evil.example")).headers.get("access-control-allow-origin"), null);
     const send = await fetch(`${server.url}/send?site=shop&apiKey=secret-key`, { method: "POST", headers: { Origin: "https://shop.example", "Content-Type": "application/json" }, body: '{"rooms":"user_7","event":"e"}' });
     assert.equal(send.headers.get("access-control-allow-origin"), null, "/send is for servers: no CORS");
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("a client that stops reading is disconnected when its buffer fills; its messages stay queued", async () => {
+  const { default: WebSocket } = await import("ws");
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_BUFFER_PACKETS: "16" }));
+  try {
+    const url = `${server.url.replace("http", "ws")}/socket.io/?EIO=4&transport=websocket&token=t-gina&deviceId=slow`;
+    const ws = new WebSocket(url);
+    // Speak just enough socket.io to join /shop, then stop reading from the TCP socket.
+    await within(new Promise((resolve, reject) => {
+      ws.on("error", reject);
+      ws.on("message", (data) => {
+        const text = data.toString();
+        if (text.startsWith("0{")) ws.send("40/shop,");
+        if (text.startsWith('42/shop,["_settings"')) {
+          ws._socket.pause();
+          resolve();
+        }
+      });
+    }), "the raw client to join /shop");
+    const slow = /slow consumer[^\n]*device=slow\b/;
+    const big = "x".repeat(64 * 1024);
+    let sent = 0;
+    while (!slow.test(server.log) && sent < 400) {
+      const res = await send(server, { body: { rooms: "user_7", event: "bulk", args: [sent, big] } });
+      assert.equal(res.status, 200);
+      sent++;
+    }
+    assert.match(server.log, slow, `disconnected after ${sent} messages of 64 KiB`);
+    ws.terminate();
+    await disconnected(server, "slow");
+    const c = await ready("v4", server, { token: "t-gina", deviceId: "slow" });
+    const batch = await c.waitFor("_batch");
+    assert.deepEqual(batch[1].map((entry) => entry[1]), Array.from({ length: sent }, (_, i) => i), "every message is still queued");
+    ackOf(batch)();
+    c.close();
   } finally {
     await server.cleanup();
   }

@@ -665,7 +665,11 @@ impl<A: Adapter> Socket<A> {
     pub fn disconnect(self: Arc<Self>) -> Result<(), SocketError> {
         let res = self.send(Packet::disconnect(self.ns.path.clone()));
         if let Err(SocketError::InternalChannelFull) = res {
-            return Err(SocketError::InternalChannelFull);
+            // sio-push patch: a client that stops reading fills this channel, and then the
+            // DISCONNECT packet cannot be queued either. Close the transport instead of leaving
+            // the socket (and everything buffered for it) alive until the heartbeat times out.
+            self.esocket.close(EIoDisconnectReason::TransportError);
+            return Ok(());
         }
         self.close(DisconnectReason::ServerNSDisconnect);
         Ok(())
