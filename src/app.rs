@@ -68,6 +68,7 @@ impl Application {
             queue_limits: server.queue_limits,
             max_message_bytes: server.max_message_bytes,
             idempotency_window: server.idempotency_window,
+            max_sockets_per_device: server.max_sockets_per_device,
         };
         let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
         let sites = Sites::new(config.sites.values().cloned());

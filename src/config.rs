@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub ack_timeout: Duration,
     /// Packets buffered per socket; a client that lets it fill is disconnected.
     pub max_buffer_packets: usize,
+    /// Sockets one device may hold; a new one beyond this evicts the oldest.
+    pub max_sockets_per_device: usize,
     /// Timeout of one call to a site's auth endpoint.
     pub auth_timeout: Duration,
     /// Timeout of one presence callback (`update_user_url`).
@@ -239,6 +241,7 @@ struct RawServer {
     ping_timeout_ms: u64,
     ack_timeout_secs: u64,
     max_buffer_packets: u64,
+    max_sockets_per_device: u64,
     auth_timeout_ms: u64,
     callback_timeout_ms: u64,
     max_body_bytes: u64,
@@ -267,6 +270,7 @@ impl Default for RawServer {
             ping_timeout_ms: 20_000,
             ack_timeout_secs: 300,
             max_buffer_packets: 128,
+            max_sockets_per_device: 8,
             auth_timeout_ms: 10_000,
             callback_timeout_ms: 10_000,
             max_body_bytes: 1024 * 1024,
@@ -402,6 +406,7 @@ impl Config {
             ping_timeout: Duration::from_millis(positive("server.ping_timeout_ms", s.ping_timeout_ms)?),
             ack_timeout: Duration::from_secs(positive("server.ack_timeout_secs", s.ack_timeout_secs)?),
             max_buffer_packets: positive("server.max_buffer_packets", s.max_buffer_packets)? as usize,
+            max_sockets_per_device: positive("server.max_sockets_per_device", s.max_sockets_per_device)? as usize,
             auth_timeout: Duration::from_millis(positive("server.auth_timeout_ms", s.auth_timeout_ms)?),
             callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
@@ -631,6 +636,7 @@ impl fmt::Display for Config {
         writeln!(f, "ping_timeout_ms = {}", s.ping_timeout.as_millis())?;
         writeln!(f, "ack_timeout_secs = {}", s.ack_timeout.as_secs())?;
         writeln!(f, "max_buffer_packets = {}", s.max_buffer_packets)?;
+        writeln!(f, "max_sockets_per_device = {}", s.max_sockets_per_device)?;
         writeln!(f, "auth_timeout_ms = {}", s.auth_timeout.as_millis())?;
         writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
         writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;

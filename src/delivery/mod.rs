@@ -2,16 +2,17 @@
 //!
 //! `POST /send` calls [`Delivery::send`]; the socket.io handlers call [`Delivery::connect`] and
 //! [`Delivery::disconnect`]. Which socket currently speaks for a device lives in memory here
-//! (the presence map: only the newest socket of a device gets live messages); everything that
+//! (`sockets`: only the newest socket of a device gets live messages); everything that
 //! must survive a restart lives in the [`Store`].
 //!
 //! A message is emitted only after the store has made it durable, so every emitted message can
 //! be acked away. Its ack removes exactly that message; a `_batch` ack removes exactly the batch.
 
 mod ack;
+mod sockets;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::ser::SerializeTuple;
@@ -25,6 +26,7 @@ use crate::metrics;
 use crate::store::{CheckedAck, DeviceKey, Expiry, Idempotency, Millis, QueueLimits, Replay, Store, StoreError};
 
 pub use self::ack::acked;
+use self::sockets::{DeviceSockets, Removed};
 
 /// A message accepted by `POST /send`.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +78,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// See `ServerConfig::idempotency_window`.
     pub idempotency_window: Duration,
+    /// See `ServerConfig::max_sockets_per_device`.
+    pub max_sockets_per_device: usize,
 }
 
 /// Why a message was not accepted.
@@ -116,7 +120,7 @@ pub struct Delivery {
     settings: Settings,
     /// The socket that currently speaks for each connected device. A std mutex: every use is a
     /// single map operation, never held across an `.await`.
-    presence: Mutex<HashMap<DeviceKey, SocketRef>>,
+    sockets: DeviceSockets,
 }
 
 /// Serializes arguments so that socket.io spreads them: `emit(event, ...args)`.
@@ -140,7 +144,7 @@ pub fn now_ms() -> Millis {
 impl Delivery {
     /// Builds the service over a store and the socket.io handle.
     pub fn new(store: Arc<dyn Store>, io: SocketIo, callbacks: Callbacks, settings: Settings) -> Self {
-        Self { store, io, callbacks, settings, presence: Mutex::default() }
+        Self { store, io, callbacks, settings, sockets: DeviceSockets::default() }
     }
 
     /// Connected sockets of a site.
@@ -158,7 +162,7 @@ impl Delivery {
     }
 
     fn live_socket(&self, device: &DeviceKey) -> Option<SocketRef> {
-        self.presence.lock().unwrap_or_else(|p| p.into_inner()).get(device).cloned()
+        self.sockets.newest(device)
     }
 
     /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
@@ -288,7 +292,10 @@ impl Delivery {
             for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
                 let dev = DeviceKey::new(&site.name, user, &client.device);
                 // Take over before reading the queue: a message stored from now on is emitted live.
-                self.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(dev.clone(), socket.clone());
+                if let Some(evicted) = self.sockets.add(&dev, socket.clone(), self.settings.max_sockets_per_device) {
+                    tracing::warn!(site = %site.name, room = %user, device = %dev.device, sid = %evicted.id, "too many sockets for one device: the oldest is disconnected");
+                    let _ = evicted.disconnect();
+                }
                 match self.store.connect(&dev, &client.rooms).await {
                     Ok(connected) => registered.push((dev, connected)),
                     Err(e) => {
@@ -370,15 +377,7 @@ impl Delivery {
         let now = now_ms();
         for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
             let dev = DeviceKey::new(&site.name, user, &client.device);
-            let owned = {
-                let mut presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
-                let owns = presence.get(&dev).is_some_and(|s| s.id == socket.id);
-                if owns {
-                    presence.remove(&dev);
-                }
-                owns
-            };
-            if owned {
+            if self.sockets.remove(&dev, socket.id) == Removed::Last {
                 if let Err(e) = self.store.disconnect(&dev, now).await {
                     tracing::error!(site = %site.name, device = %dev.device, error.message = %e, "disconnect not recorded");
                 }
@@ -453,6 +452,7 @@ mod tests {
             queue_limits: config.server.queue_limits,
             max_message_bytes: config.server.max_message_bytes,
             idempotency_window: config.server.idempotency_window,
+            max_sockets_per_device: config.server.max_sockets_per_device,
         };
         let site = Arc::new(config.sites["shop"].clone());
         (Delivery::new(Arc::new(store), io, callbacks, settings), site)

@@ -29,11 +29,17 @@ export function within(promise, what, ms = WAIT_MS) {
  * list), PUT /users/:id records presence callbacks. Every request is recorded.
  */
 export async function startWebsite() {
-  const site = { tokens: new Map(), requests: [], waiters: [] };
+  // authDelayMs slows the auth endpoint down; authInFlight/maxAuthInFlight count concurrency.
+  const site = { tokens: new Map(), requests: [], waiters: [], authDelayMs: 0, authInFlight: 0, maxAuthInFlight: 0 };
   site.server = http.createServer((req, res) => {
     let body = "";
     req.on("data", (c) => (body += c));
-    req.on("end", () => {
+    req.on("end", async () => {
+      if (req.method === "GET" && req.url.startsWith("/auth") && site.authDelayMs) {
+        site.maxAuthInFlight = Math.max(site.maxAuthInFlight, ++site.authInFlight);
+        await new Promise((r) => setTimeout(r, site.authDelayMs));
+        site.authInFlight--;
+      }
       const record = { method: req.method, url: req.url, headers: req.headers, body };
       site.requests.push(record);
       site.waiters = site.waiters.filter((w) => !(w.pred(record) && (w.resolve(record), true)));

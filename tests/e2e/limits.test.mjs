@@ -231,3 +231,43 @@ test("a client that stops reading is disconnected when its buffer fills; its mes
     await server.cleanup();
   }
 });
+
+test("a reconnect storm queues at max_concurrent_auth instead of flooding the website", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_CONCURRENT_AUTH: "4" }));
+  website.authDelayMs = 50;
+  website.maxAuthInFlight = 0;
+  try {
+    const storm = Array.from({ length: 40 }, (_, i) => client(i % 2 ? "v2" : "v4", server, { token: "t-gina", deviceId: `storm-${i}` }));
+    await within(Promise.all(storm.map((c) => c.connected)), "every client of the storm to connect", 20000);
+    assert.ok(website.maxAuthInFlight <= 4, `at most max_concurrent_auth calls at once (saw ${website.maxAuthInFlight})`);
+    assert.ok(website.maxAuthInFlight >= 2, "the storm did make concurrent calls");
+    storm.forEach((c) => c.close());
+  } finally {
+    website.authDelayMs = 0;
+    await server.cleanup();
+  }
+});
+
+test("max_sockets_per_device: a socket beyond the cap evicts the oldest; the next newest takes over", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_SOCKETS_PER_DEVICE: "2" }));
+  try {
+    const opts = { token: "t-gina", deviceId: "many" };
+    const first = await ready("v4", server, opts);
+    const firstGone = within(new Promise((r) => first.socket.once("disconnect", r)), "the oldest socket to be disconnected");
+    const second = await ready("v2", server, opts);
+    const third = await ready("v4", server, opts);
+    assert.equal(await firstGone, "io server disconnect");
+    assert.match(server.log, /too many sockets for one device[^\n]*device=many/);
+    await send(server, { body: { rooms: "user_7", event: "live", args: [1] } });
+    ackOf(await third.waitFor("live"))();
+    // The newest leaves: the one before it gets live messages, and the device is still connected.
+    third.close();
+    await send(server, { body: { rooms: "user_7", event: "live", args: [2] } });
+    ackOf(await second.waitFor("live", (a) => a[1] === 2))();
+    assert.ok(!/device disconnected[^\n]*device=many\b/.test(server.log), "the device stays connected while a socket remains");
+    second.close();
+    await disconnected(server, "many");
+  } finally {
+    await server.cleanup();
+  }
+});
