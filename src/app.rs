@@ -49,10 +49,10 @@ impl Application {
             tracing::warn!("ephemeral store: nothing survives a restart");
             (Arc::new(MemoryStore::new()), None)
         } else {
-            let (dir, cache) = (server.data_dir.clone(), server.cache_bytes);
+            let (dir, cache, min_free) = (server.data_dir.clone(), server.cache_bytes, server.min_free_disk_bytes);
             let sled = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)?;
-                SledStore::open(&dir, cache).map_err(anyhow::Error::from)
+                SledStore::open(&dir, cache, min_free).map_err(anyhow::Error::from)
             })
             .await?
             .with_context(|| format!("cannot open the store in {}", server.data_dir.display()))?;

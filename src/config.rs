@@ -108,6 +108,10 @@ pub struct ServerConfig {
     pub max_concurrent_auth: usize,
     /// sled's page cache size.
     pub cache_bytes: u64,
+    /// Free disk space below which new messages are refused (507); 0 disables the check.
+    pub min_free_disk_bytes: u64,
+    /// Longest a `POST /send` may take before it is answered 503.
+    pub request_timeout: Duration,
     /// How often expired devices are swept.
     pub sweep_interval: Duration,
     /// How long a graceful shutdown may take before the process exits anyway.
@@ -252,6 +256,8 @@ struct RawServer {
     max_queue_bytes: u64,
     max_concurrent_auth: u64,
     cache_bytes: u64,
+    min_free_disk_bytes: u64,
+    request_timeout_secs: u64,
     sweep_interval_secs: u64,
     shutdown_timeout_secs: u64,
     log_format: LogFormat,
@@ -281,6 +287,8 @@ impl Default for RawServer {
             max_queue_bytes: queue.max_bytes,
             max_concurrent_auth: 64,
             cache_bytes: 64 * 1024 * 1024,
+            min_free_disk_bytes: 256 * 1024 * 1024,
+            request_timeout_secs: 30,
             sweep_interval_secs: 60,
             shutdown_timeout_secs: 20,
             log_format: LogFormat::Text,
@@ -422,6 +430,8 @@ impl Config {
             },
             max_concurrent_auth: positive("server.max_concurrent_auth", s.max_concurrent_auth)? as usize,
             cache_bytes: positive("server.cache_bytes", s.cache_bytes)?,
+            min_free_disk_bytes: s.min_free_disk_bytes,
+            request_timeout: Duration::from_secs(positive("server.request_timeout_secs", s.request_timeout_secs)?),
             sweep_interval: Duration::from_secs(positive("server.sweep_interval_secs", s.sweep_interval_secs)?),
             shutdown_timeout: Duration::from_secs(positive("server.shutdown_timeout_secs", s.shutdown_timeout_secs)?),
             log_format: s.log_format,
@@ -647,6 +657,8 @@ impl fmt::Display for Config {
         writeln!(f, "max_queue_bytes = {}", s.queue_limits.max_bytes)?;
         writeln!(f, "max_concurrent_auth = {}", s.max_concurrent_auth)?;
         writeln!(f, "cache_bytes = {}", s.cache_bytes)?;
+        writeln!(f, "min_free_disk_bytes = {}", s.min_free_disk_bytes)?;
+        writeln!(f, "request_timeout_secs = {}", s.request_timeout.as_secs())?;
         writeln!(f, "sweep_interval_secs = {}", s.sweep_interval.as_secs())?;
         writeln!(f, "shutdown_timeout_secs = {}", s.shutdown_timeout.as_secs())?;
         writeln!(f, "log_format = \"{}\"", if s.log_format == LogFormat::Json { "json" } else { "text" })?;

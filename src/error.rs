@@ -44,7 +44,10 @@ pub enum ApiError {
     #[error("{0}")]
     KeyReused(String),
     /// The store could not make the message durable. Nothing was answered 200.
-    #[error("Message not stored: storage unavailable.")]
+    #[error("{}", match .0 {
+        StoreError::DiskFull { .. } => "Message not stored: the data disk is almost full.",
+        _ => "Message not stored: storage unavailable.",
+    })]
     Storage(#[from] StoreError),
 }
 
@@ -71,7 +74,7 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Storage(StoreError::Io(_)) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::Storage(StoreError::Io(_) | StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

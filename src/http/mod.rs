@@ -18,6 +18,7 @@ use axum::Router;
 use socketioxide::layer::SocketIoLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admin::History;
@@ -78,7 +79,13 @@ fn socket_io_cors(sites: Sites) -> CorsLayer {
 pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
     let mut app = Router::new()
-        .route("/send", post(publish::send))
+        .route(
+            "/send",
+            post(publish::send).layer(TimeoutLayer::with_status_code(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                state.server.request_timeout,
+            )),
+        )
         .route("/healthcheck", get(health::healthcheck))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));

@@ -224,6 +224,15 @@ pub enum StoreError {
         /// The limit.
         max: usize,
     },
+    /// The data disk is below its free-space floor: nothing new is accepted until space is
+    /// freed (acks and expiry still run, and free space).
+    #[error("disk almost full: {free} bytes free, min_free_disk_bytes is {min}")]
+    DiskFull {
+        /// Bytes free for the service.
+        free: u64,
+        /// The floor.
+        min: u64,
+    },
     /// The store's writer has stopped (shutdown or a crash of its thread).
     #[error("the store is closed")]
     Closed,

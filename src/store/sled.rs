@@ -53,6 +53,47 @@ struct Writer {
     db: sled::Db,
     tree: Tree,
     sync: Sync,
+    space: DiskSpace,
+}
+
+/// The free-space floor. sled 0.34 does not answer (it hangs) once its disk is full, so the
+/// writer never lets it get there: below `min_free` bytes, new messages and registrations are
+/// refused (`StoreError::DiskFull`, a 507), while acks and expiry, which free space, go on.
+/// Checked once per round with `statvfs`.
+struct DiskSpace {
+    dir: std::ffi::CString,
+    min_free: u64,
+    free: u64,
+}
+
+impl DiskSpace {
+    fn new(dir: &Path, min_free: u64) -> Result<Self, StoreError> {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut space = Self { dir, min_free, free: u64::MAX };
+        space.refresh();
+        Ok(space)
+    }
+
+    /// Reads the free space (for unprivileged users) of the data directory's filesystem.
+    fn refresh(&mut self) {
+        if self.min_free == 0 {
+            return;
+        }
+        // SAFETY: `dir` is a NUL-terminated path and `stat` a zeroed out-parameter of the right type.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(self.dir.as_ptr(), &mut stat) } == 0 {
+            self.free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+        }
+    }
+
+    /// `Err` while below the floor.
+    fn check(&self) -> Result<(), StoreError> {
+        if self.free < self.min_free {
+            return Err(StoreError::DiskFull { free: self.free, min: self.min_free });
+        }
+        Ok(())
+    }
 }
 
 /// What makes a flushed round durable, beyond sled's own `flush()`.
@@ -113,7 +154,8 @@ fn io(e: sled::Error) -> StoreError {
 impl SledStore {
     /// Opens (or creates) the database under `dir`, with a page cache of at most `cache_bytes`.
     /// Spawns the writer thread, which ends when the last clone of the store is dropped.
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// Below `min_free_bytes` of free disk space new data is refused (0: never).
+    pub fn open(dir: &Path, cache_bytes: u64, min_free_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("schema").map_err(io)? {
@@ -131,7 +173,8 @@ impl SledStore {
         let tree = db.open_tree("state").map_err(io)?;
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (stopping, stopped) = tokio::sync::watch::channel(());
-        let writer = Writer { db, tree: tree.clone(), sync: Sync::open(dir)? };
+        let writer =
+            Writer { db, tree: tree.clone(), sync: Sync::open(dir)?, space: DiskSpace::new(dir, min_free_bytes)? };
         std::thread::Builder::new()
             .name("sio-push-store".into())
             .spawn(move || {
@@ -186,6 +229,7 @@ impl Writer {
         let mut stopping = false;
         while !stopping {
             let Some(first) = rx.blocking_recv() else { break };
+            self.space.refresh();
             round.push(first);
             while round.len() < MAX_ROUND {
                 match rx.try_recv() {
@@ -310,6 +354,7 @@ impl Store for SledStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let (device, rooms) = (device.clone(), rooms.to_vec());
         self.write(true, move |w| {
+            w.space.check()?;
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
             let old_rooms = read_rooms(&w.tree, &ukey)?;
@@ -393,6 +438,7 @@ impl Store for SledStore {
     ) -> Result<Enqueued, StoreError> {
         let (site, users) = (site.to_owned(), users.to_vec());
         self.write(true, move |w| {
+            w.space.check()?;
             let mut batch = Batch::default();
             if let Some(idem) = &idempotency {
                 let key = keys::idempotency(&site, &idem.key)?;

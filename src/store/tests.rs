@@ -254,7 +254,7 @@ macro_rules! conformance {
             $(#[tokio::test]
             async fn $case() {
                 let dir = tempfile::tempdir().unwrap();
-                super::$case(super::SledStore::open(dir.path(), 1 << 20).unwrap()).await;
+                super::$case(super::SledStore::open(dir.path(), 1 << 20, 0).unwrap()).await;
             })*
         }
     };
@@ -281,12 +281,12 @@ conformance!(
 async fn sled_keeps_queues_and_registry_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let d = dev("user_1", "a");
-    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
     store.connect(&d, &rooms(&["user_1", "staff"])).await.unwrap();
     let first_id = send(&store, &["user_1"], "[\"e\",1]", 0).await.id;
     store.close().await;
 
-    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
     assert_eq!(entries(&store, &d).await, ["[\"e\",1]"]);
     assert_eq!(store.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
     assert!(store.device(&d).await.unwrap().unwrap().connected);
@@ -301,6 +301,6 @@ async fn sled_refuses_a_data_dir_of_another_schema() {
         db.open_tree("meta").unwrap().insert("schema", &99u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let err = SledStore::open(dir.path(), 1 << 20).err().expect("must refuse");
+    let err = SledStore::open(dir.path(), 1 << 20, 0).err().expect("must refuse");
     assert!(matches!(err, StoreError::Schema { found: 99, expected: 1 }), "{err}");
 }

@@ -90,7 +90,9 @@ export async function startServer(env, { dataDir, command, cwd, args: extraArgs 
   const own = !command;
   if (own) dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
   const [program, ...args] = command ?? [BIN, "serve", ...extraArgs];
-  const extra = own ? { PORT: "0", SIO_PUSH_DATA_DIR: dataDir } : {};
+  // A lower free-space floor than the 256 MiB default, so a nearly full CI disk still runs the
+  // suite; disk.test.mjs tests the floor itself.
+  const extra = own ? { PORT: "0", SIO_PUSH_DATA_DIR: dataDir, SIO_PUSH_SERVER__MIN_FREE_DISK_BYTES: "33554432" } : {};
   const child = spawn(program, args, {
     env: { PATH: process.env.PATH, RUST_LOG: "info", ...extra, ...env },
     cwd,
