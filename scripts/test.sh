@@ -28,7 +28,11 @@ echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
 (
   cd tests/e2e
   npm ci --no-audit --no-fund --loglevel=error
-  SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+  logs=$(mktemp -d)
+  SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+  echo "== no token or API key in the logs of the whole run"
+  node scan-logs.mjs "$logs"
+  rm -rf "$logs"
 )
 
 echo "== the .deb: build, lintian, systemd-analyze, install, run, remove, purge"

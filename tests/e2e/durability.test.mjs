@@ -96,7 +96,7 @@ test("device_ttl: a device disconnected longer than the TTL is forgotten; a conn
     assert.equal((await send(server, { body: { rooms: "user_6", event: "late", args: [] } })).status, 200);
     ackOf(await connected.waitFor("late"))();
     connected.close();
-    assert.match(server.log, /device expired[^\n]*device=ttl-gone/);
+    await server.logged(/device expired[^\n]*device=ttl-gone/);
     assert.ok(await queueIsEmpty("v4", server, gone, "user_6"), "the expired device's queue is gone");
   } finally {
     await server.cleanup();

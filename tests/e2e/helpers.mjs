@@ -2,7 +2,7 @@
 // socket.io clients (2.x and 4.x). Every wait is bounded.
 import { spawn } from "node:child_process";
 import http from "node:http";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -14,6 +14,13 @@ export const BIN = process.env.SIO_PUSH_BIN || path.resolve(here, "../../target/
 const clients = { v2: require("socket.io-client-v2"), v4: require("socket.io-client-v4") };
 export const VERSIONS = ["v2", "v4"];
 export const WAIT_MS = 5000;
+// With SIO_PUSH_E2E_LOG_DIR set, every server's log and every token a mock website handed out
+// are kept there, for scan-logs.mjs to check that no secret ever reached a log.
+const LOG_DIR = process.env.SIO_PUSH_E2E_LOG_DIR;
+let kept = 0;
+function keep(name, text) {
+  if (LOG_DIR) writeFileSync(path.join(LOG_DIR, `${process.pid}-${kept++}-${name}`), text);
+}
 
 /** Resolves with `promise`, or rejects after `ms` naming `what`. */
 export function within(promise, what, ms = WAIT_MS) {
@@ -64,7 +71,10 @@ export async function startWebsite() {
     if (seen) return Promise.resolve(seen);
     return within(new Promise((resolve) => site.waiters.push({ pred, resolve })), what);
   };
-  site.close = () => new Promise((r) => site.server.close(r));
+  site.close = () => {
+    keep("tokens.json", JSON.stringify([...site.tokens.keys()]));
+    return new Promise((r) => site.server.close(r));
+  };
   return site;
 }
 
@@ -114,7 +124,12 @@ export async function startServer(env, { dataDir, command, cwd, args: extraArgs 
     });
     child.on("exit", (code) => reject(new Error(`sio-push exited (${code}) before serving:\n${server.log}`)));
   });
-  server.exited = new Promise((r) => child.on("exit", (code, signal) => r({ code, signal })));
+  server.exited = new Promise((r) =>
+    child.on("exit", (code, signal) => {
+      keep("server.log", server.log);
+      r({ code, signal });
+    }),
+  );
   await within(ready, "sio-push to serve", 15000);
   /** SIGTERM, and wait for the exit. */
   server.stop = async () => {
