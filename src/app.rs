@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::future::IntoFuture;
+
 use anyhow::Context;
 use axum::Router;
 use socketioxide::SocketIo;
@@ -25,6 +27,7 @@ use crate::realtime;
 use crate::reload::Reloader;
 use crate::sites::Sites;
 use crate::store::{MemoryStore, SledStore, Store};
+use crate::tls::TlsListener;
 
 /// A built, bound, not yet serving instance.
 pub struct Application {
@@ -140,9 +143,18 @@ impl Application {
         tasks.close();
 
         state.ready.store(true, Ordering::SeqCst);
-        tracing::info!(listen = %listener.local_addr()?, "serving");
+        tracing::info!(listen = %listener.local_addr()?, tls = server.tls.is_some(), "serving");
         crate::notify::notify("READY=1");
-        let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let stop = shutdown.clone().cancelled_owned();
+        let serve: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &server.tls
+        {
+            Some(files) => {
+                let config = crate::tls::server_config(&files.cert, &files.key)?;
+                let listener = TlsListener::new(listener, config, shutdown.clone())?;
+                Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
+            }
+            None => Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future()),
+        };
         let store = state.delivery.store().clone();
         let drain = async {
             serve.await.context("HTTP server failed")?;

@@ -74,6 +74,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address and port to listen on.
     pub listen: SocketAddr,
+    /// Serve https/wss with this certificate chain and key (PEM), instead of plain http.
+    pub tls: Option<TlsFiles>,
     /// Where the sled database lives.
     pub data_dir: PathBuf,
     /// Keep everything in memory instead (tests, demos): nothing survives a restart.
@@ -129,6 +131,15 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The bearer token every admin request must present.
     pub token: ApiKey,
+}
+
+/// The PEM files of `[server] tls_cert_path` and `tls_key_path`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
 }
 
 /// One customer website (`[sites.<name>]`).
@@ -238,6 +249,8 @@ fn default_admin_listen() -> String {
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: String,
+    tls_cert_path: Option<PathBuf>,
+    tls_key_path: Option<PathBuf>,
     data_dir: PathBuf,
     ephemeral: bool,
     device_ttl_secs: u64,
@@ -269,6 +282,8 @@ impl Default for RawServer {
         let queue = QueueLimits::default();
         Self {
             listen: "0.0.0.0:1337".into(),
+            tls_cert_path: None,
+            tls_key_path: None,
             data_dir: "./data".into(),
             ephemeral: false,
             device_ttl_secs: 3600,
@@ -405,8 +420,22 @@ impl Config {
                 Ok(v)
             }
         };
+        let tls = match (s.tls_cert_path, s.tls_key_path) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                crate::tls::server_config(&cert, &key)
+                    .map_err(|e| invalid("server.tls_cert_path", &cert.display().to_string(), &e.to_string()))?;
+                Some(TlsFiles { cert, key })
+            }
+            (cert, _) => {
+                let (key, value) =
+                    if cert.is_some() { ("server.tls_key_path", "") } else { ("server.tls_cert_path", "") };
+                return Err(invalid(key, value, "tls_cert_path and tls_key_path go together"));
+            }
+        };
         let server = ServerConfig {
             listen,
+            tls,
             data_dir: s.data_dir,
             ephemeral: s.ephemeral,
             device_ttl: Duration::from_secs(s.device_ttl_secs),
@@ -639,6 +668,10 @@ impl fmt::Display for Config {
         let s = &self.server;
         writeln!(f, "[server]")?;
         writeln!(f, "listen = \"{}\"", s.listen)?;
+        if let Some(tls) = &s.tls {
+            writeln!(f, "tls_cert_path = {:?}", tls.cert.display().to_string())?;
+            writeln!(f, "tls_key_path = {:?}", tls.key.display().to_string())?;
+        }
         writeln!(f, "data_dir = {:?}", s.data_dir.display().to_string())?;
         writeln!(f, "ephemeral = {}", s.ephemeral)?;
         writeln!(f, "device_ttl_secs = {}", s.device_ttl.as_secs())?;

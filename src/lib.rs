@@ -7,6 +7,7 @@
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
 //! - `telemetry`: log setup and the span-keeping `spawn_blocking` helper.
 //! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).
+//! - `tls`: optional https/wss on the main listener.
 //! - `shutdown`: signals to a cancellation token.
 //! - `notify`: systemd readiness notification.
 //! - `error`: `ApiError` and its one HTTP mapping.
@@ -39,6 +40,7 @@ pub mod shutdown;
 pub mod sites;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::Application;
 pub use config::Config;

@@ -13,12 +13,18 @@ use crate::config::Config;
 
 /// `http://ADDR` for a listen address, with a wildcard address replaced by loopback.
 pub fn local_url(addr: SocketAddr) -> String {
+    url_for(addr, false)
+}
+
+/// `http(s)://ADDR` for a listen address, with a wildcard address replaced by loopback.
+fn url_for(addr: SocketAddr, tls: bool) -> String {
     let ip = match addr.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".parse().expect("literal"),
         ip if ip.is_unspecified() => "::1".parse().expect("literal"),
         ip => ip,
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {
@@ -93,7 +99,7 @@ pub async fn send(
     api_key: Option<String>,
     request: &SendRequest,
 ) -> anyhow::Result<String> {
-    let url = url.unwrap_or_else(|| local_url(config.server.listen));
+    let url = url.unwrap_or_else(|| url_for(config.server.listen, config.server.tls.is_some()));
     let api_key = api_key
         .or_else(|| config.sites.get(&request.site).map(|s| s.api_key.expose_secret().to_owned()))
         .with_context(|| format!("no API key: pass --api-key or configure [sites.{}]", request.site))?;

@@ -179,13 +179,13 @@ export async function send(server, { site = "shop", apiKey = "secret-key", resyn
  * A socket.io client of `version`, connected to `/<site>?token=..&deviceId=..&meta=..` the way
  * the old service's README shows. Records every event as [event, ...args, ack?].
  */
-export function client(version, server, { site = "shop", token, deviceId, meta, transports, extraHeaders } = {}) {
+export function client(version, server, { site = "shop", token, deviceId, meta, transports, extraHeaders, ca } = {}) {
   const q = new URLSearchParams();
   if (token !== undefined) q.set("token", token);
   if (deviceId !== undefined) q.set("deviceId", deviceId);
   if (meta !== undefined) q.set("meta", meta);
   const url = `${server.url}/${site}?${q}`;
-  const opts = { forceNew: true, reconnection: false, ...(transports ? { transports } : {}), ...(extraHeaders ? { extraHeaders } : {}) };
+  const opts = { forceNew: true, reconnection: false, ...(transports ? { transports } : {}), ...(extraHeaders ? { extraHeaders } : {}), ...(ca ? { ca } : {}) };
   const socket = clients[version](url, opts);
   const c = { socket, version, events: [], waiters: [] };
   const record = (args) => {
