@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests, the end-to-end suite (the release binary
-# driven by socket.io-client 2.x and 4.x under `node --test`), then the .deb built, checked and
-# installed for real (as root: it installs and purges the package). Installs what it needs.
+# driven by socket.io-client 2.x and 4.x under `node --test`), a short fuzzing run, then the .deb
+# built, checked and installed for real (as root: it installs and purges the package). Installs
+# what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,9 @@ echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
   node scan-logs.mjs "$logs"
   rm -rf "$logs"
 )
+
+echo "== fuzzing the /send body and config parsers (a short run; scripts/fuzz.sh SECS for longer)"
+scripts/fuzz.sh 20
 
 echo "== the .deb: build, lintian, systemd-analyze, install, run, remove, purge"
 packaging/test-package.sh

@@ -233,9 +233,11 @@ fn fuzz_corpus_and_regressions_load_without_panicking() {
 fn tls_needs_both_files_and_a_readable_pair() {
     let err = Config::from_toml("[server]\ntls_cert_path = \"/nonexistent/cert.pem\"\n").unwrap_err().to_string();
     assert!(err.contains("server.tls_key_path") && err.contains("go together"), "{err}");
-    let err = Config::from_toml("[server]\ntls_cert_path = \"/nonexistent/cert.pem\"\ntls_key_path = \"/nonexistent/key.pem\"\n")
-        .unwrap_err()
-        .to_string();
+    let err = Config::from_toml(
+        "[server]\ntls_cert_path = \"/nonexistent/cert.pem\"\ntls_key_path = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("server.tls_cert_path") && err.contains("/nonexistent/cert.pem"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let cert = dir.path().join("cert.pem");
