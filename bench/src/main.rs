@@ -1,0 +1,284 @@
+//! `sio-push-bench`: a load generator for sio-push.
+//!
+//! It starts the server binary itself (on a fresh data dir, configured through the old service's
+//! environment variables) and a mock auth endpoint, then drives the server with its own
+//! socket.io protocol-5 clients over websocket: a few hundred bytes each, so one process can hold
+//! tens of thousands of connections. Every scenario is bounded in time, prints one JSON line and
+//! a table, and reports the server's CPU time (from /proc) beside throughput, so figures can be
+//! compared as work per CPU second.
+//!
+//! Scenarios: `connect` (N idle clients: connect latency, RSS and CPU per connection) and
+//! `unicast` (M messages to N acking clients with C requests in flight: throughput, latency from
+//! POST start to client receipt, exactly-once check). `smoke` runs both small, for the test suite:
+//! it checks correctness only, never timings.
+
+mod client;
+mod server;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::client::{Client, Received};
+use crate::server::Server;
+
+#[derive(Parser)]
+#[command(name = "sio-push-bench", about = "Load generator for sio-push")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Open N idle clients: connect time, server RSS and CPU per connection.
+    Connect(ConnectArgs),
+    /// M messages to N acking clients, C requests in flight.
+    Unicast(UnicastArgs),
+    /// Both, small, checking only correctness (for the test suite).
+    Smoke(Common),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The sio-push binary to start.
+    #[arg(long, default_value = "target/release/sio-push")]
+    server_bin: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Clients to open.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+struct UnicastArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connected, acking clients (distinct users).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Messages to send, round-robin over the clients' user rooms.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// POST /send requests in flight.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let cli = Cli::parse();
+    match cli.scenario {
+        Scenario::Connect(args) => {
+            let limit = Duration::from_secs(args.common.timeout_secs);
+            let out = tokio::time::timeout(limit, connect(&args.common, args.clients, args.concurrency)).await??;
+            report("connect", &out);
+        }
+        Scenario::Unicast(args) => {
+            let limit = Duration::from_secs(args.common.timeout_secs);
+            let run = unicast(&args.common, args.clients, args.messages, args.concurrency);
+            let out = tokio::time::timeout(limit, run).await??;
+            report("unicast", &out);
+        }
+        Scenario::Smoke(common) => {
+            let limit = Duration::from_secs(common.timeout_secs.min(120));
+            let out = tokio::time::timeout(limit, connect(&common, 50, 10)).await??;
+            report("connect", &out);
+            let out = tokio::time::timeout(limit, unicast(&common, 50, 1000, 20)).await??;
+            report("unicast", &out);
+            println!("smoke: every message arrived exactly once");
+        }
+    }
+    Ok(())
+}
+
+/// Prints the figures as one JSON line, then as a table.
+fn report(scenario: &str, figures: &serde_json::Map<String, serde_json::Value>) {
+    let mut line = figures.clone();
+    line.insert("scenario".into(), scenario.into());
+    println!("{}", serde_json::Value::Object(line));
+    for (key, value) in figures {
+        println!("  {key:<32} {value}");
+    }
+}
+
+/// Lets this process and the server it starts hold tens of thousands of sockets.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid, zero-initialised struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The `p` quantile of sorted durations, in milliseconds to two decimals.
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    (sorted[i].as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+/// Opens `n` clients, `concurrency` at a time; returns them with their connect times.
+async fn open_clients(
+    server: &Server,
+    n: usize,
+    concurrency: usize,
+    received: Option<mpsc::UnboundedSender<Received>>,
+) -> anyhow::Result<(Vec<Client>, Vec<Duration>)> {
+    let mut clients = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(concurrency) {
+        let batch = futures_util::future::join_all(chunk.iter().map(|i| {
+            let received = received.clone();
+            async move {
+                let started = Instant::now();
+                let client =
+                    Client::connect(server.addr, "bench", &format!("u{i}"), &format!("d{i}"), received).await?;
+                anyhow::Ok((client, started.elapsed()))
+            }
+        }))
+        .await;
+        for result in batch {
+            let (client, took) = result?;
+            clients.push(client);
+            times.push(took);
+        }
+    }
+    Ok((clients, times))
+}
+
+async fn connect(
+    common: &Common,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    let (rss_before, cpu_before) = (server.rss_kib()?, server.cpu_secs()?);
+    let started = Instant::now();
+    let (clients, mut times) = open_clients(&server, n, concurrency, None).await?;
+    let elapsed = started.elapsed();
+    // Let the connections settle (auth done, _settings sent) before measuring memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_after, cpu_after) = (server.rss_kib()?, server.cpu_secs()?);
+    times.sort();
+    let figures = json!({
+        "clients": n,
+        "connect_concurrency": concurrency,
+        "connects_per_sec": (n as f64 / elapsed.as_secs_f64()).round(),
+        "connect_ms_p50": percentile(&times, 0.5),
+        "connect_ms_p99": percentile(&times, 0.99),
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
+        "server_kib_per_connection": ((rss_after as f64 - rss_before as f64) / n as f64 * 10.0).round() / 10.0,
+        "server_cpu_ms_per_connect": ((cpu_after - cpu_before) * 1000.0 / n as f64 * 1000.0).round() / 1000.0,
+    });
+    drop(clients);
+    server.stop().await?;
+    Ok(figures.as_object().cloned().expect("an object"))
+}
+
+async fn unicast(
+    common: &Common,
+    n: usize,
+    m: usize,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
+    let cpu_before = server.cpu_secs()?;
+    let started = Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
+    let senders = (0..concurrency).map(|_| async {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= m {
+                return anyhow::Ok(());
+            }
+            *sent_at[i].lock().unwrap() = Some(Instant::now());
+            let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
+            let res = http.post(&url).json(&body).send().await?;
+            if res.status() != 200 {
+                bail!("POST /send answered {}", res.status());
+            }
+        }
+    });
+    let posting = futures_util::future::try_join_all(senders);
+    let receiving = async {
+        let mut counts: HashMap<usize, u32> = HashMap::with_capacity(m);
+        let mut latencies = Vec::with_capacity(m);
+        while counts.len() < m {
+            let got = rx.recv().await.context("clients stopped")?;
+            *counts.entry(got.id).or_default() += 1;
+            if let Some(at) = *sent_at[got.id].lock().unwrap() {
+                latencies.push(got.at.saturating_duration_since(at));
+            }
+        }
+        anyhow::Ok((counts, latencies))
+    };
+    tokio::pin!(posting, receiving);
+    let mut posted = None;
+    let (counts, mut latencies) = loop {
+        tokio::select! {
+            r = &mut posting, if posted.is_none() => { r?; posted = Some(started.elapsed()); }
+            r = &mut receiving => break r?,
+        }
+    };
+    let delivered = started.elapsed();
+    let posted = match posted {
+        Some(p) => p,
+        None => {
+            posting.await?;
+            started.elapsed()
+        }
+    };
+    // Acks travel after receipt: give the server a moment to record them before reading its CPU.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = server.cpu_secs()? - cpu_before;
+    let duplicates: u32 = counts.values().map(|c| c - 1).sum();
+    latencies.sort();
+    let figures = json!({
+        "clients": n,
+        "messages": m,
+        "posts_in_flight": concurrency,
+        "posts_per_sec": (m as f64 / posted.as_secs_f64()).round(),
+        "delivered_per_sec": (m as f64 / delivered.as_secs_f64()).round(),
+        "latency_ms_p50": percentile(&latencies, 0.5),
+        "latency_ms_p99": percentile(&latencies, 0.99),
+        "latency_ms_max": percentile(&latencies, 1.0),
+        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
+        "server_cpu_ms_per_message": (cpu * 1000.0 / m as f64 * 1000.0).round() / 1000.0,
+        "lost": m - counts.len(),
+        "duplicates": duplicates,
+    });
+    drop(clients);
+    server.stop().await?;
+    if duplicates > 0 {
+        bail!("{duplicates} duplicate deliveries: {figures}");
+    }
+    Ok(figures.as_object().cloned().expect("an object"))
+}

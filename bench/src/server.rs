@@ -1,0 +1,119 @@
+//! The server under test: a mock auth endpoint and the sio-push binary on a fresh data dir,
+//! configured through the old service's environment variables, with its CPU time and RSS read
+//! from /proc.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running server and what it needs.
+pub struct Server {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+    pid: u32,
+    _data: tempfile::TempDir,
+    auth: tokio::task::JoinHandle<()>,
+}
+
+/// token `uN` -> rooms `user_N` and `all`.
+async fn auth(headers: HeaderMap) -> Json<Vec<String>> {
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer u"));
+    Json(vec![format!("user_{}", token.unwrap_or("x")), "all".to_string()])
+}
+
+impl Server {
+    /// Starts the mock auth endpoint and the server; returns once it serves.
+    pub async fn start(bin: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let auth_addr = listener.local_addr()?;
+        let auth = tokio::spawn(async move {
+            let _ = axum::serve(listener, Router::new().route("/auth", get(auth))).await;
+        });
+        let data = tempfile::tempdir()?;
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // Per-message log lines would measure the logger: keep warnings and the start line.
+            .env("RUST_LOG", "warn,sio_push::app=info")
+            .env("PORT", "0")
+            .env("SIO_PUSH_DATA_DIR", data.path())
+            .env("SITE_NAME", "bench")
+            .env("AUTH_URL", format!("http://{auth_addr}/auth"))
+            .env("API_KEY", "bench-key")
+            .env("USER_ROOM_PREFIX", "user_")
+            .env("DEVICE_TTL", "0")
+            .env("SIO_PUSH_SERVER__MAX_CONCURRENT_AUTH", "256")
+            .env("SIO_PUSH_SITES__BENCH__RATE_LIMIT_PER_SEC", "0")
+            .env("SIO_PUSH_SERVER__MIN_FREE_DISK_BYTES", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {bin}"))?;
+        let pid = child.id().context("no pid")?;
+        let mut lines = BufReader::new(child.stderr.take().context("no stderr")?).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split(": serving listen=").nth(1) {
+                    let port: u16 = rest
+                        .split(|c: char| !c.is_ascii_digit() && c != ':' && c != '.')
+                        .next()
+                        .unwrap_or("")
+                        .rsplit(':')
+                        .next()
+                        .unwrap_or("")
+                        .parse()?;
+                    return anyhow::Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+            }
+            bail!("the server exited before serving")
+        })
+        .await
+        .context("the server did not start within 15 s")??;
+        // Keep draining stderr so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { addr, child, pid, _data: data, auth })
+    }
+
+    /// The server's user + system CPU time so far, in seconds.
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let after = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(ticks / per_sec)
+    }
+
+    /// The server's resident memory, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("malformed VmRSS")?.parse()?)
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(25), self.child.wait())
+            .await
+            .context("the server did not stop")??;
+        self.auth.abort();
+        if !status.success() {
+            bail!("the server exited with {status}");
+        }
+        Ok(())
+    }
+}
