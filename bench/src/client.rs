@@ -13,6 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A `msg` event's first argument (the message number) and when it arrived.
 pub struct Received {
+    /// Which client got it.
+    pub client: usize,
     /// The message number.
     pub id: usize,
     /// Arrival time.
@@ -33,14 +35,14 @@ impl Drop for Client {
 impl Client {
     /// Connects to `/<ns>` with a token and device id; returns once `_settings` arrived (the
     /// device is then registered). `msg` events are reported on `received`.
+    /// Client `index` is user `user_<index>` (token `u<index>`) with device `d<index>`.
     pub async fn connect(
         addr: SocketAddr,
         ns: &str,
-        token: &str,
-        device: &str,
+        index: usize,
         received: Option<mpsc::UnboundedSender<Received>>,
     ) -> anyhow::Result<Self> {
-        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&token={token}&deviceId={device}");
+        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&token=u{index}&deviceId=d{index}");
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.context("websocket connect")?;
         let prefix = format!("/{ns},");
         loop {
@@ -68,8 +70,11 @@ impl Client {
                 };
                 let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
                 let (ack, payload) = rest.split_at(digits);
-                if let (Some(tx), Some(id)) = (&received, msg_id(payload)) {
-                    let _ = tx.send(Received { id, at: Instant::now() });
+                if let Some(tx) = &received {
+                    let at = Instant::now();
+                    for id in msg_ids(payload) {
+                        let _ = tx.send(Received { client: index, id, at });
+                    }
                 }
                 if !ack.is_empty() && ws.send(Message::text(format!("43{prefix}{ack}[]"))).await.is_err() {
                     return;
@@ -80,12 +85,17 @@ impl Client {
     }
 }
 
-/// The message number of `["msg", N]`, or of each entry of a `_batch`'s first one.
-fn msg_id(payload: &str) -> Option<usize> {
-    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
-    let items = value.as_array()?;
-    match items.first()?.as_str()? {
-        "msg" => items.get(1)?.as_u64().map(|n| n as usize),
-        _ => None,
+/// The message numbers in `["msg", N]`, or in every `["msg", N]` entry of a `_batch`.
+fn msg_ids(payload: &str) -> Vec<usize> {
+    fn id(entry: &serde_json::Value) -> Option<usize> {
+        let items = entry.as_array()?;
+        (items.first()?.as_str()? == "msg").then(|| items.get(1)?.as_u64().map(|n| n as usize)).flatten()
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else { return Vec::new() };
+    match value.as_array().and_then(|items| Some((items.first()?.as_str()?, items))) {
+        Some(("_batch", items)) => {
+            items.get(1).and_then(|b| b.as_array()).map(|b| b.iter().filter_map(id).collect()).unwrap_or_default()
+        }
+        _ => id(&value).into_iter().collect(),
     }
 }

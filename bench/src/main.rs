@@ -7,10 +7,12 @@
 //! a table, and reports the server's CPU time (from /proc) beside throughput, so figures can be
 //! compared as work per CPU second.
 //!
-//! Scenarios: `connect` (N idle clients: connect latency, RSS and CPU per connection) and
+//! Scenarios: `connect` (N idle clients: connect latency, RSS and CPU per connection),
 //! `unicast` (M messages to N acking clients with C requests in flight: throughput, latency from
-//! POST start to client receipt, exactly-once check). `smoke` runs both small, for the test suite:
-//! it checks correctness only, never timings.
+//! POST start to client receipt, exactly-once check), `fanout` (one POST to a shared room of N
+//! users, repeated: deliveries/s, time until the last device has it, CPU in the second after)
+//! and `replay` (N offline devices with K queued messages reconnect: time until every batch is
+//! complete). `smoke` runs each small, for the test suite: it checks correctness only.
 
 mod client;
 mod server;
@@ -39,6 +41,10 @@ enum Scenario {
     Connect(ConnectArgs),
     /// M messages to N acking clients, C requests in flight.
     Unicast(UnicastArgs),
+    /// One POST to a shared room of N connected users, repeated R times.
+    Fanout(FanoutArgs),
+    /// N offline devices with K queued messages each reconnect at once.
+    Replay(ReplayArgs),
     /// Both, small, checking only correctness (for the test suite).
     Smoke(Common),
 }
@@ -80,6 +86,30 @@ struct UnicastArgs {
     concurrency: usize,
 }
 
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connected users, all in the shared room.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// POSTs to the shared room, one after the other.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Offline devices.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Messages queued for each.
+    #[arg(long, default_value_t = 100)]
+    per_device: usize,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
@@ -96,12 +126,26 @@ async fn main() -> anyhow::Result<()> {
             let out = tokio::time::timeout(limit, run).await??;
             report("unicast", &out);
         }
+        Scenario::Fanout(args) => {
+            let limit = Duration::from_secs(args.common.timeout_secs);
+            let out = tokio::time::timeout(limit, fanout(&args.common, args.clients, args.rounds)).await??;
+            report("fanout", &out);
+        }
+        Scenario::Replay(args) => {
+            let limit = Duration::from_secs(args.common.timeout_secs);
+            let out = tokio::time::timeout(limit, replay(&args.common, args.clients, args.per_device)).await??;
+            report("replay", &out);
+        }
         Scenario::Smoke(common) => {
             let limit = Duration::from_secs(common.timeout_secs.min(120));
             let out = tokio::time::timeout(limit, connect(&common, 50, 10)).await??;
             report("connect", &out);
             let out = tokio::time::timeout(limit, unicast(&common, 50, 1000, 20)).await??;
             report("unicast", &out);
+            let out = tokio::time::timeout(limit, fanout(&common, 50, 5)).await??;
+            report("fanout", &out);
+            let out = tokio::time::timeout(limit, replay(&common, 20, 10)).await??;
+            report("replay", &out);
             println!("smoke: every message arrived exactly once");
         }
     }
@@ -153,8 +197,7 @@ async fn open_clients(
             let received = received.clone();
             async move {
                 let started = Instant::now();
-                let client =
-                    Client::connect(server.addr, "bench", &format!("u{i}"), &format!("d{i}"), received).await?;
+                let client = Client::connect(server.addr, "bench", *i, received).await?;
                 anyhow::Ok((client, started.elapsed()))
             }
         }))
@@ -280,5 +323,105 @@ async fn unicast(
     if duplicates > 0 {
         bail!("{duplicates} duplicate deliveries: {figures}");
     }
+    Ok(figures.as_object().cloned().expect("an object"))
+}
+
+async fn fanout(
+    common: &Common,
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
+    let cpu_before = server.cpu_secs()?;
+    let started = Instant::now();
+    let mut reach = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let posted = Instant::now();
+        let body = json!({ "rooms": ["all"], "event": "msg", "args": [round] });
+        let res = http.post(&url).json(&body).send().await?;
+        if res.status() != 200 {
+            bail!("POST /send answered {}", res.status());
+        }
+        let mut reached = vec![false; n];
+        let (mut count, mut last) = (0, posted);
+        while count < n {
+            let got = rx.recv().await.context("clients stopped")?;
+            if got.id != round || std::mem::replace(&mut reached[got.client], true) {
+                bail!("client {} got message {} unexpectedly (round {round})", got.client, got.id);
+            }
+            count += 1;
+            last = last.max(got.at);
+        }
+        reach.push(last.saturating_duration_since(posted));
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_secs()? - cpu_before;
+    // No backlog: how busy the server still is in the second after the last delivery.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_after = server.cpu_secs()? - cpu_before - cpu;
+    reach.sort();
+    let figures = json!({
+        "clients": n,
+        "rounds": rounds,
+        "deliveries_per_sec": ((n * rounds) as f64 / elapsed.as_secs_f64()).round(),
+        "last_device_ms_p50": percentile(&reach, 0.5),
+        "last_device_ms_max": percentile(&reach, 1.0),
+        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
+        "server_cpu_secs_in_the_second_after": (cpu_after * 1000.0).round() / 1000.0,
+    });
+    drop(clients);
+    server.stop().await?;
+    Ok(figures.as_object().cloned().expect("an object"))
+}
+
+async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    // Register every device, then take them all offline.
+    let (clients, _) = open_clients(&server, n, 100, None).await?;
+    drop(clients);
+    // The server notices closed websockets at once; give it a moment to record them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let senders = (0..50).map(|_| async {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n * k {
+                return anyhow::Ok(());
+            }
+            let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
+            let res = http.post(&url).json(&body).send().await?;
+            if res.status() != 200 {
+                bail!("POST /send answered {}", res.status());
+            }
+        }
+    });
+    futures_util::future::try_join_all(senders).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cpu_before = server.cpu_secs()?;
+    let started = Instant::now();
+    let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
+    let mut seen = vec![false; n * k];
+    for _ in 0..n * k {
+        let got = rx.recv().await.context("clients stopped")?;
+        if got.id % n != got.client || std::mem::replace(&mut seen[got.id], true) {
+            bail!("client {} got message {} unexpectedly", got.client, got.id);
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_secs()? - cpu_before;
+    let figures = json!({
+        "devices": n,
+        "messages_per_device": k,
+        "ms_until_every_batch": (elapsed.as_secs_f64() * 100_000.0).round() / 100.0,
+        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
+    });
+    drop(clients);
+    server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
 }
