@@ -12,7 +12,9 @@
 //! POST start to client receipt, exactly-once check), `fanout` (one POST to a shared room of N
 //! users, repeated: deliveries/s, time until the last device has it, CPU in the second after)
 //! and `replay` (N offline devices with K queued messages reconnect: time until every batch is
-//! complete). `smoke` runs each small, for the test suite: it checks correctness only.
+//! complete) and `restart` (a data dir holding K messages on each of N devices: time until the
+//! restarted server answers `/healthcheck` and a first `_batch` arrives, and its RSS). `smoke`
+//! runs each small, for the test suite: it checks correctness only.
 
 mod client;
 mod server;
@@ -45,6 +47,8 @@ enum Scenario {
     Fanout(FanoutArgs),
     /// N offline devices with K queued messages each reconnect at once.
     Replay(ReplayArgs),
+    /// A data dir with K queued messages on each of N devices: time until serving again.
+    Restart(ReplayArgs),
     /// Both, small, checking only correctness (for the test suite).
     Smoke(Common),
 }
@@ -136,6 +140,11 @@ async fn main() -> anyhow::Result<()> {
             let out = tokio::time::timeout(limit, replay(&args.common, args.clients, args.per_device)).await??;
             report("replay", &out);
         }
+        Scenario::Restart(args) => {
+            let limit = Duration::from_secs(args.common.timeout_secs);
+            let out = tokio::time::timeout(limit, restart(&args.common, args.clients, args.per_device)).await??;
+            report("restart", &out);
+        }
         Scenario::Smoke(common) => {
             let limit = Duration::from_secs(common.timeout_secs.min(120));
             let out = tokio::time::timeout(limit, connect(&common, 50, 10)).await??;
@@ -146,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
             report("fanout", &out);
             let out = tokio::time::timeout(limit, replay(&common, 20, 10)).await??;
             report("replay", &out);
+            let out = tokio::time::timeout(limit, restart(&common, 20, 10)).await??;
+            report("restart", &out);
             println!("smoke: every message arrived exactly once");
         }
     }
@@ -422,6 +433,55 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
         "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
     });
     drop(clients);
+    server.stop().await?;
+    Ok(figures.as_object().cloned().expect("an object"))
+}
+
+async fn restart(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    let (clients, _) = open_clients(&server, n, 100, None).await?;
+    drop(clients);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Fill: each POST to the shared room queues one message on every (offline) device.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
+    for round in 0..k {
+        let body = json!({ "rooms": ["all"], "event": "msg", "args": [round] });
+        let res = http.post(&url).json(&body).send().await?;
+        if res.status() != 200 {
+            bail!("POST /send answered {}", res.status());
+        }
+    }
+    let data = server.stop().await?;
+    let started = Instant::now();
+    let server = Server::start_on(&common.server_bin, data).await?;
+    let serving = started.elapsed();
+    let health = http.get(format!("http://{}/healthcheck", server.addr)).send().await?;
+    if health.status() != 200 {
+        bail!("/healthcheck answered {}", health.status());
+    }
+    let healthy = started.elapsed();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (first, _) = open_clients(&server, 1, 1, Some(tx)).await?;
+    let mut seen = vec![false; k];
+    for _ in 0..k {
+        let got = rx.recv().await.context("client stopped")?;
+        if got.client != 0 || got.id >= k || std::mem::replace(&mut seen[got.id], true) {
+            bail!("client {} got message {} unexpectedly", got.client, got.id);
+        }
+    }
+    let first_batch = started.elapsed();
+    let rss = server.rss_kib()?;
+    let figures = json!({
+        "devices": n,
+        "messages_per_device": k,
+        "queued_messages": n * k,
+        "ms_until_serving": (serving.as_secs_f64() * 100_000.0).round() / 100.0,
+        "ms_until_healthcheck": (healthy.as_secs_f64() * 100_000.0).round() / 100.0,
+        "ms_until_first_batch": (first_batch.as_secs_f64() * 100_000.0).round() / 100.0,
+        "server_rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0,
+    });
+    drop(first);
     server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
 }

@@ -19,7 +19,7 @@ pub struct Server {
     pub addr: SocketAddr,
     child: Child,
     pid: u32,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
     auth: tokio::task::JoinHandle<()>,
 }
 
@@ -30,14 +30,18 @@ async fn auth(headers: HeaderMap) -> Json<Vec<String>> {
 }
 
 impl Server {
-    /// Starts the mock auth endpoint and the server; returns once it serves.
+    /// Starts the mock auth endpoint and the server on a fresh data dir; returns once it serves.
     pub async fn start(bin: &str) -> anyhow::Result<Self> {
+        Self::start_on(bin, tempfile::tempdir()?).await
+    }
+
+    /// As [`Server::start`], on an existing data dir (see [`Server::stop`]).
+    pub async fn start_on(bin: &str, data: tempfile::TempDir) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let auth_addr = listener.local_addr()?;
         let auth = tokio::spawn(async move {
             let _ = axum::serve(listener, Router::new().route("/auth", get(auth))).await;
         });
-        let data = tempfile::tempdir()?;
         let mut child = Command::new(bin)
             .arg("serve")
             .env_clear()
@@ -81,7 +85,7 @@ impl Server {
         .context("the server did not start within 15 s")??;
         // Keep draining stderr so the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { addr, child, pid, _data: data, auth })
+        Ok(Self { addr, child, pid, data, auth })
     }
 
     /// The server's user + system CPU time so far, in seconds.
@@ -103,8 +107,8 @@ impl Server {
         Ok(line.split_whitespace().nth(1).context("malformed VmRSS")?.parse()?)
     }
 
-    /// SIGTERM, and wait for a clean exit.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    /// SIGTERM, and wait for a clean exit; returns the data dir, for a restart on it.
+    pub async fn stop(mut self) -> anyhow::Result<tempfile::TempDir> {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let status = tokio::time::timeout(Duration::from_secs(25), self.child.wait())
@@ -114,6 +118,6 @@ impl Server {
         if !status.success() {
             bail!("the server exited with {status}");
         }
-        Ok(())
+        Ok(self.data)
     }
 }
