@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests, the end-to-end suite (the release binary
-# driven by socket.io-client 2.x and 4.x under `node --test`), a short fuzzing run, then the .deb
+# driven by socket.io-client 2.x and 4.x under `node --test`), a secrets scan of their logs, a
+# load-generator smoke run, a short fuzzing run, then the .deb
 # built, checked and installed for real (as root: it installs and purges the package). Installs
 # what it needs.
 set -euo pipefail
@@ -11,8 +12,11 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 # The status page is tested in headless Chromium (Debian's package; playwright-core drives it).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
-# The proof that 200 means on disk traces the server's syscalls.
+# The proof that 200 means on disk traces the server's syscalls (and finds its pid with pgrep).
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+# The TLS test makes a throwaway certificate.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (Debian packages)"
   apt-get update -qq
