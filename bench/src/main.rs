@@ -262,53 +262,53 @@ async fn unicast(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
-    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
     let cpu_before = server.cpu_secs()?;
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
-    let senders = (0..concurrency).map(|_| async {
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if i >= m {
-                return anyhow::Ok(());
+    // A scope, so the senders' borrow of `server` ends before it is stopped.
+    let (counts, mut latencies, delivered, posted) = {
+        let senders = (0..concurrency).map(|_| async {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= m {
+                    return anyhow::Ok(());
+                }
+                *sent_at[i].lock().unwrap() = Some(Instant::now());
+                let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
+                server.send(&http, &body).await?;
             }
-            *sent_at[i].lock().unwrap() = Some(Instant::now());
-            let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
-            let res = http.post(&url).json(&body).send().await?;
-            if res.status() != 200 {
-                bail!("POST /send answered {}", res.status());
+        });
+        let posting = futures_util::future::try_join_all(senders);
+        let receiving = async {
+            let mut counts: HashMap<usize, u32> = HashMap::with_capacity(m);
+            let mut latencies = Vec::with_capacity(m);
+            while counts.len() < m {
+                let got = rx.recv().await.context("clients stopped")?;
+                *counts.entry(got.id).or_default() += 1;
+                if let Some(at) = *sent_at[got.id].lock().unwrap() {
+                    latencies.push(got.at.saturating_duration_since(at));
+                }
             }
-        }
-    });
-    let posting = futures_util::future::try_join_all(senders);
-    let receiving = async {
-        let mut counts: HashMap<usize, u32> = HashMap::with_capacity(m);
-        let mut latencies = Vec::with_capacity(m);
-        while counts.len() < m {
-            let got = rx.recv().await.context("clients stopped")?;
-            *counts.entry(got.id).or_default() += 1;
-            if let Some(at) = *sent_at[got.id].lock().unwrap() {
-                latencies.push(got.at.saturating_duration_since(at));
+            anyhow::Ok((counts, latencies))
+        };
+        tokio::pin!(posting, receiving);
+        let mut posted = None;
+        let (counts, latencies) = loop {
+            tokio::select! {
+                r = &mut posting, if posted.is_none() => { r?; posted = Some(started.elapsed()); }
+                r = &mut receiving => break r?,
             }
-        }
-        anyhow::Ok((counts, latencies))
-    };
-    tokio::pin!(posting, receiving);
-    let mut posted = None;
-    let (counts, mut latencies) = loop {
-        tokio::select! {
-            r = &mut posting, if posted.is_none() => { r?; posted = Some(started.elapsed()); }
-            r = &mut receiving => break r?,
-        }
-    };
-    let delivered = started.elapsed();
-    let posted = match posted {
-        Some(p) => p,
-        None => {
-            posting.await?;
-            started.elapsed()
-        }
+        };
+        let delivered = started.elapsed();
+        let posted = match posted {
+            Some(p) => p,
+            None => {
+                posting.await?;
+                started.elapsed()
+            }
+        };
+        (counts, latencies, delivered, posted)
     };
     // Acks travel after receipt: give the server a moment to record them before reading its CPU.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -346,17 +346,13 @@ async fn fanout(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::new();
-    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
     let cpu_before = server.cpu_secs()?;
     let started = Instant::now();
     let mut reach = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let posted = Instant::now();
         let body = json!({ "rooms": ["all"], "event": "msg", "args": [round] });
-        let res = http.post(&url).json(&body).send().await?;
-        if res.status() != 200 {
-            bail!("POST /send answered {}", res.status());
-        }
+        server.send(&http, &body).await?;
         let mut reached = vec![false; n];
         let (mut count, mut last) = (0, posted);
         while count < n {
@@ -389,15 +385,19 @@ async fn fanout(
     Ok(figures.as_object().cloned().expect("an object"))
 }
 
-async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
-    // Register every device, then take them all offline.
-    let (clients, _) = open_clients(&server, n, 100, None).await?;
+/// Registers `n` devices (clients 0..n), then takes them all offline.
+async fn register_offline(server: &Server, n: usize) -> anyhow::Result<()> {
+    let (clients, _) = open_clients(server, n, 100, None).await?;
     drop(clients);
     // The server notices closed websockets at once; give it a moment to record them.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    register_offline(&server, n).await?;
     let http = reqwest::Client::new();
-    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let senders = (0..50).map(|_| async {
         loop {
@@ -406,10 +406,7 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
                 return anyhow::Ok(());
             }
             let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
-            let res = http.post(&url).json(&body).send().await?;
-            if res.status() != 200 {
-                bail!("POST /send answered {}", res.status());
-            }
+            server.send(&http, &body).await?;
         }
     });
     futures_util::future::try_join_all(senders).await?;
@@ -439,18 +436,12 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
 
 async fn restart(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let server = Server::start(&common.server_bin).await?;
-    let (clients, _) = open_clients(&server, n, 100, None).await?;
-    drop(clients);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    register_offline(&server, n).await?;
     // Fill: each POST to the shared room queues one message on every (offline) device.
     let http = reqwest::Client::new();
-    let url = format!("http://{}/send?site=bench&apiKey=bench-key", server.addr);
     for round in 0..k {
         let body = json!({ "rooms": ["all"], "event": "msg", "args": [round] });
-        let res = http.post(&url).json(&body).send().await?;
-        if res.status() != 200 {
-            bail!("POST /send answered {}", res.status());
-        }
+        server.send(&http, &body).await?;
     }
     let data = server.stop().await?;
     let started = Instant::now();

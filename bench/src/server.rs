@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 pub struct Server {
     /// Where it listens.
     pub addr: SocketAddr,
+    send_url: String,
     child: Child,
     pid: u32,
     data: tempfile::TempDir,
@@ -85,7 +86,17 @@ impl Server {
         .context("the server did not start within 15 s")??;
         // Keep draining stderr so the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { addr, child, pid, data, auth })
+        let send_url = format!("http://{addr}/send?site=bench&apiKey=bench-key");
+        Ok(Self { addr, send_url, child, pid, data, auth })
+    }
+
+    /// `POST /send` to the bench site; fails on anything but `200`.
+    pub async fn send(&self, http: &reqwest::Client, body: &serde_json::Value) -> anyhow::Result<()> {
+        let res = http.post(&self.send_url).json(body).send().await?;
+        if res.status() != 200 {
+            bail!("POST /send answered {}", res.status());
+        }
+        Ok(())
     }
 
     /// The server's user + system CPU time so far, in seconds.
