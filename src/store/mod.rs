@@ -12,7 +12,9 @@
 
 mod keys;
 pub mod memory;
+mod round;
 pub mod sled;
+mod wal;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,21 +1,25 @@
 //! `SledStore`: the embedded, durable store.
 //!
 //! sled 0.34 blocks on disk I/O, and concurrent `flush_async` calls deadlock (sled#1308). So one
-//! writer thread owns every change: it takes all jobs queued since its last round, applies each
-//! as one atomic `Batch` (only this thread writes, so a job's reads see every earlier job), calls
-//! the blocking `flush()` once for the whole round, and only then answers the jobs that asked for
-//! durability. That is group commit: concurrent `/send` requests share one fsync. Reads run on
-//! tokio's blocking pool.
+//! writer thread owns every change: it takes all jobs queued since its last round, runs each
+//! against the round so far (`round.rs`: a job's reads see every earlier job), logs the round
+//! as one record of the write-ahead log (`wal.rs`) with one `fdatasync`, gives it to sled, and
+//! only then answers the jobs that asked for durability. That is group commit: concurrent
+//! `/send` requests share one sync. sled itself is flushed and synced only at checkpoints (every
+//! second while there are changes, or every few MiB of log), which lets the log start over.
+//! Reads run on tokio's blocking pool.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sled::{Batch, Tree};
+use sled::Tree;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
+use super::round::{Changes, Round, Scan, View};
+use super::wal::Wal;
 use super::{
     entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
     Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
@@ -27,6 +31,10 @@ const SCHEMA_VERSION: u32 = 1;
 const MAX_ROUND: usize = 4096;
 /// Jobs that may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 16_384;
+/// Log size that triggers a checkpoint. Bounds what a restart replays (about 0.1 s per MiB).
+const CHECKPOINT_BYTES: u64 = 8 << 20;
+/// Time after which logged changes are checkpointed into sled.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The sled-backed store. Cloning shares the database and its writer.
 #[derive(Clone)]
@@ -39,9 +47,9 @@ pub struct SledStore {
 
 /// Work for the writer thread.
 enum Job {
-    /// A change: `run` applies it and returns how to answer the caller once the round's flush
+    /// A change: `run` applies it and returns how to answer the caller once the round's commit
     /// result is known.
-    Change { durable: bool, run: Box<dyn FnOnce(&Writer) -> Reply + Send> },
+    Change(Box<dyn FnOnce(&mut Writer) -> Reply + Send>),
     /// Flush what came before and exit.
     Stop,
 }
@@ -52,6 +60,11 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 struct Writer {
     db: sled::Db,
     tree: Tree,
+    /// Changes made since the last round was applied to sled.
+    round: Round,
+    wal: Wal,
+    /// When sled last held every logged change durably.
+    checkpointed: std::time::Instant,
     sync: Sync,
     space: DiskSpace,
 }
@@ -96,26 +109,26 @@ impl DiskSpace {
     }
 }
 
-/// What makes a flushed round durable, beyond sled's own `flush()`.
+/// What makes a checkpoint durable, beyond sled's own `flush()`.
 ///
 /// On Linux sled 0.34's `flush()` ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` on the
 /// log range it wrote, and a real `fsync` happens only in its background flusher (every 500 ms).
 /// `sync_file_range` commits neither the file's metadata (its new size) nor the disk's write
 /// cache, so it survives `kill -9` but not a power cut. Items too large for the log (over
 /// segment_size / 4) go to files under `blobs/`, which sled never syncs. So after each flush the
-/// writer `fdatasync`s the log file, and any blob written since the previous round with its
-/// directory. `tests/e2e/fsync.test.mjs` checks the result with strace.
+/// writer `fdatasync`s the log file, and any blob written since the previous checkpoint with its
+/// directory. `tests/e2e/fsync.test.mjs` checks with strace that blobs are synced.
 struct Sync {
     log: std::fs::File,
     blobs: std::path::PathBuf,
-    last_round: std::time::SystemTime,
+    last_sync: std::time::SystemTime,
 }
 
 impl Sync {
     fn open(dir: &Path) -> Result<Self, StoreError> {
         let log = std::fs::File::open(dir.join("db"))
             .map_err(|e| StoreError::Io(format!("cannot open sled's log file {}/db: {e}", dir.display())))?;
-        Ok(Self { log, blobs: dir.join("blobs"), last_round: std::time::UNIX_EPOCH })
+        Ok(Self { log, blobs: dir.join("blobs"), last_sync: std::time::UNIX_EPOCH })
     }
 
     /// Makes everything sled flushed durable.
@@ -127,7 +140,7 @@ impl Sync {
             for entry in entries.flatten() {
                 let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(started);
                 // Compare with a second of slack: file times can be coarser than the clock.
-                if modified + std::time::Duration::from_secs(1) >= self.last_round {
+                if modified + std::time::Duration::from_secs(1) >= self.last_sync {
                     // sled deletes a blob once a newer version of its page is written: one that
                     // is gone is no longer referenced and needs no sync.
                     match std::fs::File::open(entry.path()) {
@@ -142,7 +155,7 @@ impl Sync {
         if synced_blob {
             std::fs::File::open(&self.blobs)?.sync_all()?;
         }
-        self.last_round = started;
+        self.last_sync = started;
         Ok(())
     }
 }
@@ -171,10 +184,27 @@ impl SledStore {
             }
         }
         let tree = db.open_tree("state").map_err(io)?;
+        let (wal, replay) = Wal::open(dir)
+            .map_err(|e| StoreError::Io(format!("cannot open the write-ahead log in {}: {e}", dir.display())))?;
+        let replayed = replay.len();
+        for batch in replay {
+            tree.apply_batch(batch).map_err(io)?;
+        }
+        let mut writer = Writer {
+            db,
+            tree: tree.clone(),
+            round: Round::default(),
+            wal,
+            checkpointed: std::time::Instant::now(),
+            sync: Sync::open(dir)?,
+            space: DiskSpace::new(dir, min_free_bytes)?,
+        };
+        if replayed > 0 {
+            writer.checkpoint().map_err(StoreError::Io)?;
+            tracing::info!(batches = replayed, "changes replayed from the write-ahead log");
+        }
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (stopping, stopped) = tokio::sync::watch::channel(());
-        let writer =
-            Writer { db, tree: tree.clone(), sync: Sync::open(dir)?, space: DiskSpace::new(dir, min_free_bytes)? };
         std::thread::Builder::new()
             .name("sio-push-store".into())
             .spawn(move || {
@@ -195,20 +225,20 @@ impl SledStore {
         while stopped.changed().await.is_ok() {}
     }
 
-    /// Runs `f` on the writer thread; answers after the round's fsync when `durable`.
-    async fn write<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the writer thread; answers once its round is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Writer) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let run = Box::new(move |w: &Writer| -> Reply {
+        let run = Box::new(move |w: &mut Writer| -> Reply {
             let result = f(w);
             Box::new(move |flushed: Result<(), String>| {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
             })
         });
-        self.jobs.send(Job::Change { durable, run }).await.map_err(|_| StoreError::Closed)?;
+        self.jobs.send(Job::Change(run)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -220,6 +250,16 @@ impl SledStore {
     {
         let tree = self.tree.clone();
         crate::telemetry::spawn_blocking_with_tracing(move || f(&tree)).await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl View for Writer {
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        self.round.get_over(&self.tree, key)
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Scan<'_> {
+        self.round.scan_over(&self.tree, prefix)
     }
 }
 
@@ -240,52 +280,90 @@ impl Writer {
             let mut waiting = Vec::with_capacity(round.len());
             for job in round.drain(..) {
                 match job {
-                    Job::Change { durable: true, run } => waiting.push(run(&self)),
-                    Job::Change { durable: false, run } => run(&self)(Ok(())),
+                    Job::Change(run) => waiting.push(run(&mut self)),
                     Job::Stop => stopping = true,
                 }
             }
+            let started = std::time::Instant::now();
+            let committed = self.commit();
+            if let Err(e) = &committed {
+                tracing::error!(error.message = %e, "store write failed");
+            }
             if !waiting.is_empty() {
-                let started = std::time::Instant::now();
-                let flushed = self
-                    .db
-                    .flush()
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| self.sync.sync().map_err(|e| e.to_string()));
                 crate::metrics::store_round(waiting.len(), started.elapsed());
-                if let Err(e) = &flushed {
-                    tracing::error!(error.message = %e, "store flush failed");
-                }
-                for reply in waiting {
-                    reply(flushed.clone());
+            }
+            for reply in waiting {
+                reply(committed.clone());
+            }
+            if self.wal.len() >= CHECKPOINT_BYTES
+                || (self.wal.len() > 0 && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
+            {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
                 }
             }
         }
-        if let Err(e) =
-            self.db.flush().map_err(|e| e.to_string()).and_then(|_| self.sync.sync().map_err(|e| e.to_string()))
-        {
-            tracing::error!(error.message = %e, "final store flush failed");
+        if let Err(e) = self.commit().and_then(|()| self.checkpoint()) {
+            tracing::error!(error.message = %e, "final store checkpoint failed; the write-ahead log is replayed at the next start");
         }
         // `self` (the database) is dropped here, before the caller signals `stopped`.
     }
 
+    /// Makes sled hold every logged change durably, then starts the log over.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.sync.sync().map_err(|e| e.to_string())?;
+        self.wal.reset().map_err(|e| format!("cannot reset the write-ahead log: {e}"))?;
+        self.checkpointed = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Logs the round durably, then applies it to sled key by key.
+    ///
+    /// Key by key, because every sled batch wakes sled's whole I/O thread pool twice (see
+    /// `round.rs`). A crash in the middle leaves sled with part of a round, and the log, synced
+    /// before sled saw any of it, completes it on replay. Rounds of acks only are synced too,
+    /// or a power cut could keep sled's part of a round and lose the log's record of it.
+    fn commit(&mut self) -> Result<(), String> {
+        if self.round.is_empty() {
+            return Ok(());
+        }
+        let round = self.round.take();
+        self.wal.append(&round).map_err(|e| format!("cannot write the write-ahead log: {e}"))?;
+        self.wal.sync().map_err(|e| format!("cannot sync the write-ahead log: {e}"))?;
+        for (key, change) in round {
+            match change {
+                Some(value) => self.tree.insert(key, value),
+                None => self.tree.remove(key),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Adds one job's atomic set of changes to the round.
+    fn apply(&mut self, changes: Changes) -> Result<(), StoreError> {
+        self.round.apply(changes);
+        Ok(())
+    }
+
     fn device_state(&self, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
-        read_device(&self.tree, key)
+        read_device(self, key)
     }
 
     /// Adds to `batch` the removal of a device and its queue.
-    fn forget_device(&self, dev: &DeviceKey, batch: &mut Batch) -> Result<(), StoreError> {
+    fn forget_device(&self, dev: &DeviceKey, batch: &mut Changes) -> Result<(), StoreError> {
         batch.remove(keys::device(dev)?);
-        for item in self.tree.scan_prefix(keys::queue(dev)?) {
-            batch.remove(item.map_err(io)?.0);
+        for item in self.scan(&keys::queue(dev)?) {
+            batch.remove(item?.0);
         }
         Ok(())
     }
 
     /// Adds to `batch` the removal of a user's room list and index entries.
-    fn forget_user(&self, site: &str, user: &str, batch: &mut Batch) -> Result<(), StoreError> {
+    fn forget_user(&self, site: &str, user: &str, batch: &mut Changes) -> Result<(), StoreError> {
         let ukey = keys::user(site, user)?;
-        for room in read_rooms(&self.tree, &ukey)? {
+        for room in read_rooms(self, &ukey)? {
             batch.remove(keys::room(site, &room, user)?);
         }
         batch.remove(ukey);
@@ -293,17 +371,17 @@ impl Writer {
     }
 
     /// Removes the given queue entries of one device in one batch, keeping its counters true.
-    fn remove_entries(&self, dev: &DeviceKey, ids: &[MessageId]) -> Result<u64, StoreError> {
+    fn remove_entries(&mut self, dev: &DeviceKey, ids: &[MessageId]) -> Result<u64, StoreError> {
         let dkey = keys::device(dev)?;
         let Some(mut state) = self.device_state(&dkey)? else {
             return Ok(0);
         };
         let prefix = keys::queue(dev)?;
-        let mut batch = Batch::default();
+        let mut batch = Changes::default();
         let mut removed = 0;
         for id in ids {
             let key = keys::queued(&prefix, *id);
-            if let Some(value) = self.tree.get(&key).map_err(io)? {
+            if let Some(value) = self.get(&key)? {
                 batch.remove(key);
                 state.queue_len -= 1;
                 state.queue_bytes -= keys::queued_entry_len(&value);
@@ -312,7 +390,7 @@ impl Writer {
         }
         if removed > 0 {
             batch.insert(dkey, encode(&state));
-            self.tree.apply_batch(batch).map_err(io)?;
+            self.apply(batch)?;
         }
         Ok(removed)
     }
@@ -322,25 +400,25 @@ fn encode(state: &DeviceState) -> Vec<u8> {
     serde_json::to_vec(state).expect("DeviceState serializes")
 }
 
-fn read_device(tree: &Tree, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
-    match tree.get(key).map_err(io)? {
+fn read_device(view: &impl View, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
+    match view.get(key)? {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v).map(Some).map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
     }
 }
 
-fn read_rooms(tree: &Tree, key: &[u8]) -> Result<Vec<String>, StoreError> {
-    match tree.get(key).map_err(io)? {
+fn read_rooms(view: &impl View, key: &[u8]) -> Result<Vec<String>, StoreError> {
+    match view.get(key)? {
         None => Ok(Vec::new()),
         Some(v) => serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(key) }),
     }
 }
 
-fn read_queue(tree: &Tree, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
+fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
     let prefix = keys::queue(dev)?;
-    tree.scan_prefix(&prefix)
+    view.scan(&prefix)
         .map(|item| {
-            let (k, v) = item.map_err(io)?;
+            let (k, v) = item?;
             let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
             let id = keys::queued_id(&k).ok_or_else(corrupt)?;
             let (queued_at, entry) = keys::split_queued_value(&v).ok_or_else(corrupt)?;
@@ -353,37 +431,39 @@ fn read_queue(tree: &Tree, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
 impl Store for SledStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let (device, rooms) = (device.clone(), rooms.to_vec());
-        self.write(true, move |w| {
+        self.write(move |w| {
             w.space.check()?;
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
-            let old_rooms = read_rooms(&w.tree, &ukey)?;
+            let old_rooms = read_rooms(w, &ukey)?;
             let mut state = w.device_state(&dkey)?.unwrap_or_default();
             let overflowed = std::mem::take(&mut state.overflowed);
             state.connected = true;
 
-            let mut batch = Batch::default();
+            let mut batch = Changes::default();
             for room in &old_rooms {
                 batch.remove(keys::room(&device.site, room, &device.user)?);
             }
             for room in &rooms {
-                batch.insert(keys::room(&device.site, room, &device.user)?, &[]);
+                batch.insert(keys::room(&device.site, room, &device.user)?, []);
             }
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
-            w.tree.apply_batch(batch).map_err(io)?;
-            Ok(Connected { pending: read_queue(&w.tree, &device)?, overflowed })
+            w.apply(batch)?;
+            Ok(Connected { pending: read_queue(w, &device)?, overflowed })
         })
         .await
     }
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
         let dkey = keys::device(device)?;
-        self.write(true, move |w| {
+        self.write(move |w| {
             if let Some(mut state) = w.device_state(&dkey)? {
                 state.connected = false;
                 state.disconnected_at = now;
-                w.tree.insert(dkey, encode(&state)).map_err(io)?;
+                let mut batch = Changes::default();
+                batch.insert(dkey, encode(&state));
+                w.apply(batch)?;
             }
             Ok(())
         })
@@ -391,11 +471,11 @@ impl Store for SledStore {
     }
 
     async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
-        self.write(true, move |w| {
-            let mut batch = Batch::default();
+        self.write(move |w| {
+            let mut batch = Changes::default();
             let mut count = 0;
-            for item in w.tree.scan_prefix([keys::DEVICE]) {
-                let (k, v) = item.map_err(io)?;
+            for item in w.scan(&[keys::DEVICE]) {
+                let (k, v) = item?;
                 let mut state: DeviceState =
                     serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
                 if state.connected {
@@ -405,7 +485,7 @@ impl Store for SledStore {
                     count += 1;
                 }
             }
-            w.tree.apply_batch(batch).map_err(io)?;
+            w.apply(batch)?;
             Ok(count)
         })
         .await
@@ -437,12 +517,12 @@ impl Store for SledStore {
         idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
         let (site, users) = (site.to_owned(), users.to_vec());
-        self.write(true, move |w| {
+        self.write(move |w| {
             w.space.check()?;
-            let mut batch = Batch::default();
+            let mut batch = Changes::default();
             if let Some(idem) = &idempotency {
                 let key = keys::idempotency(&site, &idem.key)?;
-                let earlier = match w.tree.get(&key).map_err(io)? {
+                let earlier = match w.get(&key)? {
                     Some(v) => Some(
                         keys::split_idempotency_value(&v)
                             .ok_or_else(|| StoreError::Corrupt { key: keys::show(&key) })?,
@@ -458,8 +538,8 @@ impl Store for SledStore {
             let mut out = Enqueued { id, ..Enqueued::default() };
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
-                for item in w.tree.scan_prefix(keys::devices_of(&site, user)?) {
-                    let (k, v) = item.map_err(io)?;
+                for item in w.scan(&keys::devices_of(&site, user)?) {
+                    let (k, v) = item?;
                     let dev = keys::parse_device(&k).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
                     let mut state: DeviceState =
                         serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
@@ -476,13 +556,13 @@ impl Store for SledStore {
                     state.queue_bytes += entry.len() as u64;
                     let mut dropped = 0;
                     if state.queue_len > limits.max_len || state.queue_bytes > limits.max_bytes {
-                        for old in w.tree.scan_prefix(&prefix) {
+                        for old in w.scan(&prefix) {
                             if state.queue_len <= 1
                                 || (state.queue_len <= limits.max_len && state.queue_bytes <= limits.max_bytes)
                             {
                                 break;
                             }
-                            let (old_key, old_value) = old.map_err(io)?;
+                            let (old_key, old_value) = old?;
                             batch.remove(old_key);
                             state.queue_len -= 1;
                             state.queue_bytes -= keys::queued_entry_len(&old_value);
@@ -500,7 +580,7 @@ impl Store for SledStore {
                     w.forget_user(&site, user, &mut batch)?;
                 }
             }
-            w.tree.apply_batch(batch).map_err(io)?;
+            w.apply(batch)?;
             Ok(out)
         })
         .await
@@ -513,13 +593,13 @@ impl Store for SledStore {
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
         let (device, ids) = (device.clone(), ids.to_vec());
-        self.write(false, move |w| w.remove_entries(&device, &ids).map(drop)).await
+        self.write(move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let (device, event) = (device.clone(), event.to_owned());
-        self.write(false, move |w| {
-            let queue = read_queue(&w.tree, &device)?;
+        self.write(move |w| {
+            let queue = read_queue(w, &device)?;
             if !queue.iter().any(|q| q.id == id) {
                 return Ok(CheckedAck::Removed);
             }
@@ -540,10 +620,10 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
-        self.write(true, move |w| {
+        self.write(move |w| {
             let mut expired = Vec::new();
-            for item in w.tree.scan_prefix([keys::DEVICE]) {
-                let (k, v) = item.map_err(io)?;
+            for item in w.scan(&[keys::DEVICE]) {
+                let (k, v) = item?;
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
                 if expiry.is_expired(&state) {
@@ -552,26 +632,25 @@ impl Store for SledStore {
             }
             // One batch per device, so the check for a user's last device sees earlier removals.
             for dev in &expired {
-                let mut batch = Batch::default();
+                let mut batch = Changes::default();
                 w.forget_device(dev, &mut batch)?;
-                w.tree.apply_batch(batch).map_err(io)?;
-                let mut left = w.tree.scan_prefix(keys::devices_of(&dev.site, &dev.user)?).keys();
-                if left.next().is_none() {
-                    let mut batch = Batch::default();
+                w.apply(batch)?;
+                if w.scan(&keys::devices_of(&dev.site, &dev.user)?).next().is_none() {
+                    let mut batch = Changes::default();
                     w.forget_user(&dev.site, &dev.user, &mut batch)?;
-                    w.tree.apply_batch(batch).map_err(io)?;
+                    w.apply(batch)?;
                 }
             }
-            let mut batch = Batch::default();
-            for item in w.tree.scan_prefix([keys::IDEMPOTENCY]) {
-                let (k, v) = item.map_err(io)?;
+            let mut batch = Changes::default();
+            for item in w.scan(&[keys::IDEMPOTENCY]) {
+                let (k, v) = item?;
                 let (_, expires_at) =
                     keys::split_idempotency_value(&v).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
                 if expires_at <= expiry.now {
                     batch.remove(k);
                 }
             }
-            w.tree.apply_batch(batch).map_err(io)?;
+            w.apply(batch)?;
             Ok(expired)
         })
         .await
@@ -624,15 +703,15 @@ impl Store for SledStore {
 
     async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
         let device = device.clone();
-        self.write(true, move |w| {
-            let ids: Vec<MessageId> = read_queue(&w.tree, &device)?.iter().map(|q| q.id).collect();
+        self.write(move |w| {
+            let ids: Vec<MessageId> = read_queue(w, &device)?.iter().map(|q| q.id).collect();
             w.remove_entries(&device, &ids)
         })
         .await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.write(true, |_| Ok(())).await
+        self.write(|_| Ok(())).await
     }
 
     fn is_open(&self) -> bool {

@@ -242,6 +242,35 @@ async fn a_repeated_idempotency_key_stores_nothing_new_until_it_expires(store: i
     assert_eq!(entries(&store, &d).await, ["[1]", "[3]"]);
 }
 
+async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {
+    let (a, b) = (dev("user_1", "a"), dev("user_2", "b"));
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_2"])).await.unwrap();
+    // Many requests at once share writer rounds; each must see the ones before it.
+    let sends = (0..40).map(|i| {
+        let text = format!("[{i}]");
+        let store = &store;
+        async move {
+            store
+                .enqueue("site", &users(&["user_1", "user_2"]), entry(&text), at(0), QueueLimits::default(), None)
+                .await
+                .unwrap()
+        }
+    });
+    let ids: Vec<MessageId> = futures_util::future::join_all(sends).await.iter().map(|out| out.id).collect();
+    let acks = ids.iter().step_by(2).map(|id| store.ack(&a, std::slice::from_ref(id)));
+    for result in futures_util::future::join_all(acks).await {
+        result.unwrap();
+    }
+    let (state_a, state_b) = (store.device(&a).await.unwrap().unwrap(), store.device(&b).await.unwrap().unwrap());
+    assert_eq!((state_a.queue_len, state_b.queue_len), (20, 40));
+    let pending = store.pending(&a).await.unwrap();
+    assert_eq!(state_a.queue_bytes, pending.iter().map(|q| q.entry.len() as u64).sum::<u64>());
+    let mut expected: Vec<MessageId> = ids.iter().skip(1).step_by(2).copied().collect();
+    expected.sort();
+    assert_eq!(pending.iter().map(|q| q.id).collect::<Vec<_>>(), expected, "send order, without the acked");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -275,7 +304,36 @@ conformance!(
     operators_see_counts_devices_and_can_drop_a_queue,
     queued_messages_carry_their_queue_time,
     a_repeated_idempotency_key_stores_nothing_new_until_it_expires,
+    concurrent_changes_keep_order_and_counts_true,
 );
+
+/// A copy of the data dir taken while the store runs is what `kill -9` would leave: what was
+/// answered as durable must be in it, whether or not sled has flushed it yet.
+#[tokio::test]
+async fn sled_recovers_durable_changes_from_a_crash_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dev("user_1", "a");
+    let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+    store.connect(&d, &rooms(&["user_1", "staff"])).await.unwrap();
+    for i in 0..3 {
+        send(&store, &["user_1"], &format!("[{i}]"), 0).await;
+    }
+    let image = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let file = file.unwrap();
+        if file.file_type().unwrap().is_file() {
+            std::fs::copy(file.path(), image.path().join(file.file_name())).unwrap();
+        }
+    }
+    let logged = std::fs::metadata(image.path().join(super::wal::FILE_NAME)).unwrap().len();
+    assert!(logged > 0, "the changes are still in the write-ahead log (no checkpoint yet)");
+    store.close().await;
+
+    let recovered = SledStore::open(image.path(), 1 << 20, 0).unwrap();
+    assert_eq!(entries(&recovered, &d).await, ["[0]", "[1]", "[2]"]);
+    assert_eq!(recovered.device(&d).await.unwrap().unwrap().queue_len, 3);
+    assert_eq!(recovered.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
+}
 
 #[tokio::test]
 async fn sled_keeps_queues_and_registry_across_reopen() {
