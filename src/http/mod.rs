@@ -75,6 +75,30 @@ fn socket_io_cors(sites: Sites) -> CorsLayer {
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
 }
 
+/// Copies a socket.io request's URI and header values out of hyper's read buffer.
+///
+/// engineioxide keeps a clone of the request head, extensions included, for the whole life of a
+/// session. hyper parses the URI and the header values as slices of the connection's read buffer
+/// (8 to 16 KiB), and axum's `OriginalUri` extension is another slice of it, so every idle
+/// connection kept that whole buffer alive after the websocket upgrade: about a third of its
+/// memory. With the head in allocations of its own, the buffer is freed after the upgrade.
+async fn own_request_head(mut req: Request<axum::body::Body>) -> Request<axum::body::Body> {
+    if !req.uri().path().starts_with("/socket.io/") {
+        return req;
+    }
+    if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri.clone();
+        req.extensions_mut().insert(axum::extract::OriginalUri(uri));
+    }
+    for value in req.headers_mut().values_mut() {
+        if let Ok(mut owned) = HeaderValue::from_bytes(value.as_bytes()) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
+    }
+    req
+}
+
 /// The whole router: HTTP routes, socket.io, request ids and tracing.
 pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
@@ -96,6 +120,7 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let cors = socket_io_cors(state.sites.clone());
     app.with_state(state)
         .layer(socketio)
+        .layer(axum::middleware::map_request(own_request_head))
         .layer(cors)
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             // The path only: the query may hold an API key or a token.

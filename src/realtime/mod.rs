@@ -20,6 +20,11 @@ use crate::config::ServerConfig;
 use crate::delivery::Delivery;
 use crate::sites::Sites;
 
+/// Bytes a websocket connection reserves for reading. Clients send little (acks, pings), and a
+/// larger frame still arrives whole: the buffer grows for it. engineioxide's default, 4 KiB, was
+/// an eighth of an idle connection's memory.
+const WS_READ_BUFFER: usize = 1024;
+
 /// Builds the socket.io layer and its handle from the server settings.
 pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
     SocketIo::builder()
@@ -27,6 +32,7 @@ pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
         .ping_timeout(server.ping_timeout)
         .ack_timeout(server.ack_timeout)
         .max_buffer_size(server.max_buffer_packets)
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .build_layer()
 }
 
