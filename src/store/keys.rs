@@ -1,6 +1,6 @@
 //! Byte layout of the sled keys. Private to the store.
 //!
-//! Every record lives in one tree so that a multi-record change is one atomic `Batch`. A key is a
+//! Every record lives in one tree, written through the write-ahead log (`wal.rs`). A key is a
 //! kind byte followed by length-prefixed parts (u16 big-endian length, then the bytes), so a
 //! prefix of whole parts selects exactly the records below it, whatever bytes names contain.
 //! Queue keys end in the message id, big-endian, so a device's queue scans in send order.
@@ -12,6 +12,7 @@
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
 //! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |
 //! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), then the entry `[event, ...args]` |
+//! | `i`  | (none)                         | message ids reserved: every id below it may be in use (u64 BE) |
 
 use super::{DeviceKey, MessageId, Millis, StoreError};
 
@@ -20,6 +21,8 @@ pub(super) const USER: u8 = b'u';
 pub(super) const ROOM: u8 = b'r';
 pub(super) const QUEUE: u8 = b'q';
 pub(super) const IDEMPOTENCY: u8 = b'k';
+/// The one key holding how far message ids are reserved.
+pub(super) const IDS_RESERVED: &[u8] = b"i";
 
 /// Longest name part a key can hold.
 pub(super) const MAX_PART: usize = u16::MAX as usize;

@@ -1,11 +1,11 @@
-//! The writer's current round: changes its jobs made that sled has not been given yet.
+//! Changes made since the last checkpoint, which sled has not been given yet.
 //!
-//! Every `Tree::apply_batch` of sled 0.34 seals its in-memory log buffer and hands two writes to
-//! its I/O thread pool, waking every idle thread of it: a dozen thread wakeups and two
-//! `sync_file_range` calls for each batch, whatever its size. So jobs do not write to sled. They
-//! add their changes to the round and read through it (a job sees every earlier job's changes).
-//! The writer logs the whole round as one record of the write-ahead log, which makes it atomic,
-//! and only then gives it to sled, key by key.
+//! sled is slow to write to: every `Tree::apply_batch` of sled 0.34 seals its log buffer and
+//! wakes its whole I/O thread pool twice, and even a single `insert` copies and relinks a tree
+//! node. So the writer's jobs do not write to sled. Each job's changes are logged in the
+//! write-ahead log (which makes them durable) and kept here, where the writer's reads see them
+//! over sled's tree. sled gets what is left only at a checkpoint. Most queue entries never get
+//! there: a message queued and acked between two checkpoints cancels out.
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;
@@ -18,47 +18,135 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-/// A job's atomic set of changes, applied with `Round::apply`.
+/// One change of a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Set the key to this value.
+    Put(Vec<u8>),
+    /// Set a key that is new: no value of it exists yet, in sled or here.
+    PutNew(Vec<u8>),
+    /// Remove the key.
+    Remove,
+}
+
+/// A job's atomic set of changes, applied in order.
 #[derive(Default)]
-pub struct Changes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+pub struct Changes(pub(super) Vec<(Vec<u8>, Op)>);
 
 impl Changes {
     /// Sets `key` to `value`.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.0.push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+        self.0.push((key.as_ref().to_vec(), Op::Put(value.as_ref().to_vec())));
+    }
+
+    /// Sets a key that never had a value (a new message's queue entry), so that removing it
+    /// before the next checkpoint leaves nothing for sled to do.
+    pub fn insert_new(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.0.push((key.as_ref().to_vec(), Op::PutNew(value.as_ref().to_vec())));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
-        self.0.push((key.as_ref().to_vec(), None));
+        self.0.push((key.as_ref().to_vec(), Op::Remove));
     }
 }
 
-/// The last change of each key in this round: a value, or `None` for a removal.
-#[derive(Default)]
-pub struct Round(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+/// The latest change of a key since the last checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// Its value; `fresh` when sled has no value of it.
+    Put {
+        value: Vec<u8>,
+        fresh: bool,
+    },
+    Remove,
+}
 
-impl Round {
+/// Keys changed, each with its latest change: the changes since the last checkpoint, or those
+/// of the current round.
+#[derive(Default)]
+pub struct Pending(BTreeMap<Vec<u8>, Change>);
+
+impl Pending {
     /// Adds a job's changes.
     pub fn apply(&mut self, changes: Changes) {
-        self.0.extend(changes.0);
+        for (key, op) in changes.0 {
+            let change = match op {
+                Op::Put(value) => Change::Put { value, fresh: false },
+                Op::PutNew(value) => Change::Put { value, fresh: true },
+                Op::Remove => Change::Remove,
+            };
+            self.set(key, change);
+        }
     }
 
-    /// True when the round changes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Adds the changes of a later round.
+    pub fn absorb(&mut self, later: Pending) {
+        for (key, change) in later.0 {
+            self.set(key, change);
+        }
     }
 
-    /// Takes the round's changes, in key order, leaving it empty.
-    pub fn take(&mut self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
-        std::mem::take(&mut self.0)
+    fn set(&mut self, key: Vec<u8>, change: Change) {
+        use std::collections::btree_map::Entry;
+        match (self.0.entry(key), change) {
+            (Entry::Vacant(e), change) => drop(e.insert(change)),
+            (Entry::Occupied(mut e), Change::Put { value, .. }) => {
+                let fresh = matches!(e.get(), Change::Put { fresh: true, .. });
+                e.insert(Change::Put { value, fresh });
+            }
+            (Entry::Occupied(mut e), Change::Remove) => {
+                if matches!(e.get(), Change::Put { fresh: true, .. }) {
+                    e.remove(); // sled never saw it: nothing to undo there
+                } else {
+                    e.insert(Change::Remove);
+                }
+            }
+        }
+    }
+
+    /// Keys changed.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Gives every change to sled, key by key, and forgets them. Call only once the write-ahead
+    /// log holds them durably; they are durable in sled after its next flush.
+    pub fn drain_into(&mut self, tree: &Tree) -> Result<(), StoreError> {
+        for (key, change) in std::mem::take(&mut self.0) {
+            match change {
+                Change::Put { value, .. } => tree.insert(key, value).map(drop),
+                Change::Remove => tree.remove(key).map(drop),
+            }
+            .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The value of `key` as changed here: `None` when it is not changed here.
+    pub fn lookup(&self, key: &[u8]) -> Option<Option<IVec>> {
+        self.0.get(key).map(|change| match change {
+            Change::Put { value, .. } => Some(IVec::from(value.as_slice())),
+            Change::Remove => None,
+        })
+    }
+
+    /// A prefix scan of `base` (which holds only keys with `prefix`) with these changes over it.
+    pub fn scan_over<'a>(&'a self, base: Scan<'a>, prefix: &[u8]) -> Scan<'a> {
+        let changes = self.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));
+        let prefix = prefix.to_vec();
+        Box::new(Merge {
+            base: base.peekable(),
+            changes: changes.take_while(move |(k, _)| k.starts_with(&prefix)).peekable(),
+        })
     }
 }
 
 /// Items of a prefix scan.
 pub type Scan<'a> = Box<dyn Iterator<Item = Result<(IVec, IVec), StoreError>> + 'a>;
 
-/// Reads the store's state: sled's tree, or the tree with the writer's round over it.
+/// Reads the store's state: sled's tree, or the tree with the writer's pending changes over it.
 pub trait View {
     /// The value of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<IVec>, StoreError>;
@@ -76,53 +164,33 @@ impl View for Tree {
     }
 }
 
-impl Round {
-    /// The value of `key` in `tree` once this round is applied.
-    pub fn get_over(&self, tree: &Tree, key: &[u8]) -> Result<Option<IVec>, StoreError> {
-        match self.0.get(key) {
-            Some(change) => Ok(change.as_deref().map(IVec::from)),
-            None => View::get(tree, key),
-        }
-    }
-
-    /// A prefix scan of `tree` once this round is applied.
-    pub fn scan_over<'a>(&'a self, tree: &'a Tree, prefix: &[u8]) -> Scan<'a> {
-        let changes = self.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));
-        let prefix = prefix.to_vec();
-        Box::new(Merge {
-            tree: View::scan(tree, &prefix).peekable(),
-            changes: changes.take_while(move |(k, _)| k.starts_with(&prefix)).peekable(),
-        })
-    }
-}
-
-/// Merges two key-ordered streams; on equal keys the round's change wins, and removals hide
-/// the tree's item.
-struct Merge<'a, C: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>> {
-    tree: Peekable<Scan<'a>>,
+/// Merges two key-ordered streams; on equal keys the change wins, and removals hide the base's
+/// item.
+struct Merge<'a, C: Iterator<Item = (&'a Vec<u8>, &'a Change)>> {
+    base: Peekable<Scan<'a>>,
     changes: Peekable<C>,
 }
 
-impl<'a, C: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>> Iterator for Merge<'a, C> {
+impl<'a, C: Iterator<Item = (&'a Vec<u8>, &'a Change)>> Iterator for Merge<'a, C> {
     type Item = Result<(IVec, IVec), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         use std::cmp::Ordering;
         loop {
-            let order = match (self.tree.peek(), self.changes.peek()) {
+            let order = match (self.base.peek(), self.changes.peek()) {
                 (None, None) => return None,
                 (Some(Err(_)), _) | (Some(_), None) => Ordering::Less,
                 (None, Some(_)) => Ordering::Greater,
-                (Some(Ok((tree_key, _))), Some((change_key, _))) => tree_key.as_ref().cmp(change_key.as_slice()),
+                (Some(Ok((base_key, _))), Some((change_key, _))) => base_key.as_ref().cmp(change_key.as_slice()),
             };
             match order {
-                Ordering::Less => return self.tree.next(),
-                // The change overrides the tree's item.
-                Ordering::Equal => drop(self.tree.next()),
+                Ordering::Less => return self.base.next(),
+                // The change overrides the base's item.
+                Ordering::Equal => drop(self.base.next()),
                 Ordering::Greater => {}
             }
             let (key, change) = self.changes.next().expect("peeked");
-            if let Some(value) = change {
+            if let Change::Put { value, .. } = change {
                 return Some(Ok((IVec::from(key.as_slice()), IVec::from(value.as_slice()))));
             }
         }
@@ -133,24 +201,29 @@ impl<'a, C: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>> Iterator for Me
 mod tests {
     use super::*;
 
+    fn text(v: Option<IVec>) -> Option<String> {
+        v.map(|v| String::from_utf8(v.to_vec()).unwrap())
+    }
+
     #[test]
-    fn reads_see_the_round_over_the_tree() {
+    fn reads_see_pending_changes_over_the_tree() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         for k in ["a/1", "a/2", "a/4", "b/1"] {
             db.insert(k, k).unwrap();
         }
-        let mut round = Round::default();
+        let mut pending = Pending::default();
         let mut job = Changes::default();
-        job.insert("a/3", "new");
+        job.insert_new("a/3", "new");
         job.remove("a/2");
         job.insert("a/4", "changed");
-        job.insert("a/5", "new");
-        job.insert("a/6", "gone again");
+        job.insert_new("a/5", "new");
+        job.insert_new("a/6", "gone again");
         job.remove("a/6");
         job.remove("a/7"); // not there at all
-        round.apply(job);
-        let items: Vec<(String, String)> = round
-            .scan_over(&db, b"a/")
+        pending.apply(job);
+        let scan = |prefix: &[u8]| pending.scan_over(View::scan(&*db, prefix), prefix);
+        let get = |key: &[u8]| pending.lookup(key).unwrap_or_else(|| db.get(key).unwrap());
+        let items: Vec<(String, String)> = scan(b"a/")
             .map(|item| {
                 let (k, v) = item.unwrap();
                 (String::from_utf8(k.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap())
@@ -158,10 +231,42 @@ mod tests {
             .collect();
         let expected = [("a/1", "a/1"), ("a/3", "new"), ("a/4", "changed"), ("a/5", "new")];
         assert_eq!(items, expected.map(|(k, v)| (k.to_string(), v.to_string())));
-        assert_eq!(round.get_over(&db, b"a/2").unwrap(), None);
-        assert_eq!(round.get_over(&db, b"a/4").unwrap().as_deref(), Some(&b"changed"[..]));
-        assert_eq!(round.get_over(&db, b"b/1").unwrap().as_deref(), Some(&b"b/1"[..]));
-        assert_eq!(round.scan_over(&db, b"b/").count(), 1);
-        assert_eq!(round.scan_over(&db, b"c/").count(), 0);
+        assert_eq!(get(b"a/2"), None);
+        assert_eq!(text(get(b"a/4")).as_deref(), Some("changed"));
+        assert_eq!(text(get(b"b/1")).as_deref(), Some("b/1"));
+        assert_eq!(scan(b"b/").count(), 1);
+        assert_eq!(scan(b"c/").count(), 0);
+    }
+
+    #[test]
+    fn a_new_key_removed_before_the_checkpoint_leaves_nothing_and_others_reach_sled() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.insert("old", "1").unwrap();
+        let mut pending = Pending::default();
+        let mut job = Changes::default();
+        job.insert_new("q/1", "m1");
+        job.insert_new("q/2", "m2");
+        job.insert("state", "len=2");
+        job.insert("old", "2");
+        pending.apply(job);
+        // The ack comes in a later round.
+        let mut ack = Changes::default();
+        ack.remove("q/1");
+        ack.insert("state", "len=1");
+        ack.remove("old");
+        let mut round = Pending::default();
+        round.apply(ack);
+        pending.absorb(round);
+        assert_eq!(pending.len(), 3, "q/1 cancelled out; q/2, state and the removal of old are left");
+        pending.drain_into(&db).unwrap();
+        assert_eq!(pending.len(), 0);
+        let all: Vec<(String, String)> = db
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (String::from_utf8(k.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap())
+            })
+            .collect();
+        assert_eq!(all, [("q/2".to_string(), "m2".to_string()), ("state".to_string(), "len=1".to_string())]);
     }
 }

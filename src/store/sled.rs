@@ -1,13 +1,13 @@
 //! `SledStore`: the embedded, durable store.
 //!
-//! sled 0.34 blocks on disk I/O, and concurrent `flush_async` calls deadlock (sled#1308). So one
-//! writer thread owns every change: it takes all jobs queued since its last round, runs each
-//! against the round so far (`round.rs`: a job's reads see every earlier job), logs the round
-//! as one record of the write-ahead log (`wal.rs`) with one `fdatasync`, gives it to sled, and
-//! only then answers the jobs that asked for durability. That is group commit: concurrent
-//! `/send` requests share one sync. sled itself is flushed and synced only at checkpoints (every
-//! second while there are changes, or every few MiB of log), which lets the log start over.
-//! Reads run on tokio's blocking pool.
+//! One writer thread owns the database and runs every job, reads included: it takes all jobs
+//! queued since its last round and runs each against sled's tree with the changes not yet given
+//! to sled over it (`round.rs`), so a job sees every earlier one. It logs the round's changes as
+//! one record of the write-ahead log (`wal.rs`) with one `fdatasync`, and only then answers. That
+//! is group commit: concurrent `/send` requests share one sync. sled gets the changes, and is
+//! flushed and synced, only at checkpoints (every second while there are changes, or every
+//! 8 MiB of log), after which the log starts over. One writer also keeps sled 0.34 away from
+//! its deadlock under concurrent `flush_async` calls (sled#1308).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +18,7 @@ use sled::Tree;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
-use super::round::{Changes, Round, Scan, View};
+use super::round::{Changes, Pending, Scan, View};
 use super::wal::Wal;
 use super::{
     entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
@@ -33,13 +33,14 @@ const MAX_ROUND: usize = 4096;
 const QUEUE_DEPTH: usize = 16_384;
 /// Log size that triggers a checkpoint. Bounds what a restart replays (about 0.1 s per MiB).
 const CHECKPOINT_BYTES: u64 = 8 << 20;
+/// Message ids reserved at a time (one durable write per block).
+const ID_BLOCK: u64 = 1 << 20;
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The sled-backed store. Cloning shares the database and its writer.
 #[derive(Clone)]
 pub struct SledStore {
-    tree: Tree,
     jobs: mpsc::Sender<Job>,
     /// Closes (errors on `changed`) once the writer thread has flushed and released the database.
     stopped: tokio::sync::watch::Receiver<()>,
@@ -60,13 +61,29 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 struct Writer {
     db: sled::Db,
     tree: Tree,
-    /// Changes made since the last round was applied to sled.
-    round: Round,
+    /// Changes of committed rounds since the last checkpoint, not yet given to sled.
+    pending: Pending,
+    /// Changes of the current round, until it is committed.
+    round: Pending,
+    /// Message ids: the next one, and how far they are reserved in the round and durably.
+    ids: Ids,
     wal: Wal,
     /// When sled last held every logged change durably.
     checkpointed: std::time::Instant,
     sync: Sync,
     space: DiskSpace,
+}
+
+/// Message ids. They must grow with send order across restarts and crashes, and are never used
+/// twice: a reused id would overwrite a queued message. sled's own `generate_id` does not
+/// survive a crash when sled has not been flushed since (which the write-ahead log makes the
+/// common case), so ids are reserved in blocks by a key written through the log like any change.
+struct Ids {
+    next: u64,
+    /// Reserved up to here, counting the current round.
+    reserved: u64,
+    /// Reserved up to here durably.
+    durable: u64,
 }
 
 /// The free-space floor. sled 0.34 does not answer (it hangs) once its disk is full, so the
@@ -190,10 +207,20 @@ impl SledStore {
         for batch in replay {
             tree.apply_batch(batch).map_err(io)?;
         }
+        // Ids below the reservation may have been used; sled's generator covers data dirs from
+        // before the reservation key.
+        let reserved = match tree.get(keys::IDS_RESERVED).map_err(io)? {
+            Some(v) => {
+                v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt { key: "i".into() })?
+            }
+            None => db.generate_id().map_err(io)?,
+        };
         let mut writer = Writer {
+            ids: Ids { next: reserved, reserved, durable: reserved },
             db,
-            tree: tree.clone(),
-            round: Round::default(),
+            tree,
+            pending: Pending::default(),
+            round: Pending::default(),
             wal,
             checkpointed: std::time::Instant::now(),
             sync: Sync::open(dir)?,
@@ -212,7 +239,7 @@ impl SledStore {
                 drop(stopping);
             })
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(Self { tree, jobs, stopped })
+        Ok(Self { jobs, stopped })
     }
 
     /// Makes the writer flush everything sent before and exit, and waits for it. Later changes
@@ -225,8 +252,9 @@ impl SledStore {
         while stopped.changed().await.is_ok() {}
     }
 
-    /// Runs `f` on the writer thread; answers once its round is durable.
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the writer thread, which sees every change; answers once its round is
+    /// durable.
+    async fn job<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
@@ -241,25 +269,18 @@ impl SledStore {
         self.jobs.send(Job::Change(run)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
-
-    /// Runs a read on tokio's blocking pool, keeping the caller's span.
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
-    {
-        let tree = self.tree.clone();
-        crate::telemetry::spawn_blocking_with_tracing(move || f(&tree)).await.map_err(|_| StoreError::Closed)?
-    }
 }
 
 impl View for Writer {
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        self.round.get_over(&self.tree, key)
+        match self.round.lookup(key).or_else(|| self.pending.lookup(key)) {
+            Some(value) => Ok(value),
+            None => View::get(&self.tree, key),
+        }
     }
 
     fn scan(&self, prefix: &[u8]) -> Scan<'_> {
-        self.round.scan_over(&self.tree, prefix)
+        self.round.scan_over(self.pending.scan_over(View::scan(&self.tree, prefix), prefix), prefix)
     }
 }
 
@@ -309,8 +330,37 @@ impl Writer {
         // `self` (the database) is dropped here, before the caller signals `stopped`.
     }
 
-    /// Makes sled hold every logged change durably, then starts the log over.
+    /// Makes the round durable (one write and one sync of the write-ahead log) and adds it to
+    /// the pending changes. A round that cannot be logged is dropped whole: its callers get the
+    /// error and nothing of it remains.
+    fn commit(&mut self) -> Result<(), String> {
+        let round = std::mem::take(&mut self.round);
+        if let Err(e) = self.wal.commit() {
+            self.ids.reserved = self.ids.durable;
+            return Err(format!("cannot write the write-ahead log: {e}"));
+        }
+        self.ids.durable = self.ids.reserved;
+        self.pending.absorb(round);
+        Ok(())
+    }
+
+    /// A new message id, reserving a block in the current round when needed. The reservation
+    /// is a change of its own, so it is logged whatever becomes of the job that asked.
+    fn new_id(&mut self) -> MessageId {
+        if self.ids.next >= self.ids.reserved {
+            self.ids.reserved = self.ids.next + ID_BLOCK;
+            let mut reserve = Changes::default();
+            reserve.insert(keys::IDS_RESERVED, self.ids.reserved.to_be_bytes());
+            self.wal.log(&reserve);
+            self.round.apply(reserve);
+        }
+        self.ids.next += 1;
+        self.ids.next - 1
+    }
+
+    /// Makes sled hold every change durably, then starts the log over.
     fn checkpoint(&mut self) -> Result<(), String> {
+        self.pending.drain_into(&self.tree).map_err(|e| e.to_string())?;
         self.db.flush().map_err(|e| e.to_string())?;
         self.sync.sync().map_err(|e| e.to_string())?;
         self.wal.reset().map_err(|e| format!("cannot reset the write-ahead log: {e}"))?;
@@ -318,31 +368,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Logs the round durably, then applies it to sled key by key.
-    ///
-    /// Key by key, because every sled batch wakes sled's whole I/O thread pool twice (see
-    /// `round.rs`). A crash in the middle leaves sled with part of a round, and the log, synced
-    /// before sled saw any of it, completes it on replay. Rounds of acks only are synced too,
-    /// or a power cut could keep sled's part of a round and lose the log's record of it.
-    fn commit(&mut self) -> Result<(), String> {
-        if self.round.is_empty() {
-            return Ok(());
-        }
-        let round = self.round.take();
-        self.wal.append(&round).map_err(|e| format!("cannot write the write-ahead log: {e}"))?;
-        self.wal.sync().map_err(|e| format!("cannot sync the write-ahead log: {e}"))?;
-        for (key, change) in round {
-            match change {
-                Some(value) => self.tree.insert(key, value),
-                None => self.tree.remove(key),
-            }
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// Adds one job's atomic set of changes to the round.
+    /// Applies one job's atomic set of changes to the current round.
     fn apply(&mut self, changes: Changes) -> Result<(), StoreError> {
+        self.wal.log(&changes);
         self.round.apply(changes);
         Ok(())
     }
@@ -431,7 +459,7 @@ fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreErr
 impl Store for SledStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let (device, rooms) = (device.clone(), rooms.to_vec());
-        self.write(move |w| {
+        self.job(move |w| {
             w.space.check()?;
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
@@ -457,7 +485,7 @@ impl Store for SledStore {
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
         let dkey = keys::device(device)?;
-        self.write(move |w| {
+        self.job(move |w| {
             if let Some(mut state) = w.device_state(&dkey)? {
                 state.connected = false;
                 state.disconnected_at = now;
@@ -471,7 +499,7 @@ impl Store for SledStore {
     }
 
     async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
-        self.write(move |w| {
+        self.job(move |w| {
             let mut batch = Changes::default();
             let mut count = 0;
             for item in w.scan(&[keys::DEVICE]) {
@@ -493,11 +521,10 @@ impl Store for SledStore {
 
     async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
         let prefix = keys::room_members(site, room)?;
-        self.read(move |tree| {
-            tree.scan_prefix(&prefix)
-                .keys()
-                .map(|k| {
-                    let k = k.map_err(io)?;
+        self.job(move |w| {
+            w.scan(&prefix)
+                .map(|item| {
+                    let (k, _) = item?;
                     keys::parts(&k)
                         .and_then(|p| p.get(2).map(|u| u.to_string()))
                         .ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })
@@ -517,7 +544,7 @@ impl Store for SledStore {
         idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
         let (site, users) = (site.to_owned(), users.to_vec());
-        self.write(move |w| {
+        self.job(move |w| {
             w.space.check()?;
             let mut batch = Changes::default();
             if let Some(idem) = &idempotency {
@@ -534,7 +561,7 @@ impl Store for SledStore {
                 }
                 batch.insert(key, keys::idempotency_value(idem.fingerprint, idem.expires_at));
             }
-            let id = w.db.generate_id().map_err(io)?;
+            let id = w.new_id();
             let mut out = Enqueued { id, ..Enqueued::default() };
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
@@ -551,7 +578,7 @@ impl Store for SledStore {
                     }
                     live += 1;
                     let prefix = keys::queue(&dev)?;
-                    batch.insert(keys::queued(&prefix, id), keys::queued_value(expiry.now, &entry));
+                    batch.insert_new(keys::queued(&prefix, id), keys::queued_value(expiry.now, &entry));
                     state.queue_len += 1;
                     state.queue_bytes += entry.len() as u64;
                     let mut dropped = 0;
@@ -588,17 +615,17 @@ impl Store for SledStore {
 
     async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
         let device = device.clone();
-        self.read(move |tree| read_queue(tree, &device)).await
+        self.job(move |w| read_queue(w, &device)).await
     }
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
         let (device, ids) = (device.clone(), ids.to_vec());
-        self.write(move |w| w.remove_entries(&device, &ids).map(drop)).await
+        self.job(move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let (device, event) = (device.clone(), event.to_owned());
-        self.write(move |w| {
+        self.job(move |w| {
             let queue = read_queue(w, &device)?;
             if !queue.iter().any(|q| q.id == id) {
                 return Ok(CheckedAck::Removed);
@@ -620,7 +647,7 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
-        self.write(move |w| {
+        self.job(move |w| {
             let mut expired = Vec::new();
             for item in w.scan(&[keys::DEVICE]) {
                 let (k, v) = item?;
@@ -658,14 +685,14 @@ impl Store for SledStore {
 
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
         let key = keys::device(device)?;
-        self.read(move |tree| read_device(tree, &key)).await
+        self.job(move |w| read_device(w, &key)).await
     }
 
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
-        self.read(|tree| {
+        self.job(|w| {
             let mut out = BTreeMap::<String, SiteStats>::new();
-            for item in tree.scan_prefix([keys::DEVICE]) {
-                let (k, v) = item.map_err(io)?;
+            for item in w.scan(&[keys::DEVICE]) {
+                let (k, v) = item?;
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
                 let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
@@ -678,16 +705,16 @@ impl Store for SledStore {
 
     async fn user_devices(&self, site: &str, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
         let prefix = keys::devices_of(site, user)?;
-        self.read(move |tree| {
+        self.job(move |w| {
             let mut out = Vec::new();
-            for item in tree.scan_prefix(&prefix) {
-                let (k, v) = item.map_err(io)?;
+            for item in w.scan(&prefix) {
+                let (k, v) = item?;
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
                 let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
-                let oldest = match tree.scan_prefix(keys::queue(&dev)?).next() {
+                let oldest = match w.scan(&keys::queue(&dev)?).next() {
                     Some(item) => {
-                        let (qk, qv) = item.map_err(io)?;
+                        let (qk, qv) = item?;
                         let (at, _) = keys::split_queued_value(&qv)
                             .ok_or_else(|| StoreError::Corrupt { key: keys::show(&qk) })?;
                         Some(at)
@@ -703,7 +730,7 @@ impl Store for SledStore {
 
     async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
         let device = device.clone();
-        self.write(move |w| {
+        self.job(move |w| {
             let ids: Vec<MessageId> = read_queue(w, &device)?.iter().map(|q| q.id).collect();
             w.remove_entries(&device, &ids)
         })
@@ -711,7 +738,7 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.write(|_| Ok(())).await
+        self.job(|_| Ok(())).await
     }
 
     fn is_open(&self) -> bool {

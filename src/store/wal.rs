@@ -2,28 +2,29 @@
 //!
 //! sled 0.34 makes a change durable with `flush()`, which hands the write to its I/O thread
 //! pool and waits on `sync_file_range` (still not a real sync: see `Sync` in `sled.rs`). Doing
-//! that for every group-commit round cost more CPU than everything else a message needs. So each
-//! round the writer applies to sled (`round.rs`) is also appended here, as physical operations
-//! (put this key, remove that key), and it is durable once its record is written and
-//! `fdatasync`ed: one write and one sync on one thread. sled is flushed and synced only at a
+//! that for every group-commit round cost more CPU than everything else a message needs. So the
+//! jobs of a round are logged here instead, as physical operations (put this key, remove that
+//! key), and the round is durable once its record is written and `fdatasync`ed: one write and one
+//! sync on one thread. sled gets the changes (`round.rs`) and is flushed and synced only at a
 //! checkpoint, after which the log starts over.
 //!
 //! Recovery replays the log onto whatever state sled recovered. That is correct from any sled
 //! state between the last checkpoint and the crash: replaying, in order, every put and remove
 //! since the checkpoint leaves each key with the value of its last operation, or untouched if it
-//! has none. sled's recovery yields a prefix of the operations it was given, and it is given a
-//! round only once the round's record is synced.
+//! has none. sled's recovery yields a prefix of the operations it was given, and it is given
+//! changes only at a checkpoint, long after their records were synced.
 //!
 //! Layout: records of `[len: u32 LE][crc32 of payload: u32 LE][payload]`, one per round; a
 //! payload is ops of `[1][klen: u32][key][vlen: u32][value]` (put) or `[0][klen: u32][key]`
 //! (remove). Replay stops at the first short or damaged record: a round whose write was cut off,
 //! and nobody was told it was stored.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use super::round::{Changes, Op};
 
 /// The log's file name, inside the data directory (beside sled's files).
 pub const FILE_NAME: &str = "sio-push.wal";
@@ -39,8 +40,8 @@ pub struct Wal {
     file: File,
     /// Bytes of complete records in the file; the next record is written here.
     len: u64,
-    /// The record being encoded, kept to reuse its allocation.
-    buf: Vec<u8>,
+    /// The current round's record: an 8-byte header to fill in, then its operations.
+    round: Vec<u8>,
 }
 
 const HEADER: usize = 8;
@@ -59,38 +60,51 @@ impl Wal {
             file.sync_all()?;
             tracing::warn!(path = %path.display(), kept = len, cut = bytes.len() - len, "write-ahead log ends in an incomplete record (a write cut off by a crash): it is dropped");
         }
-        Ok((Self { file, len: len as u64, buf: Vec::new() }, batches))
+        Ok((Self { file, len: len as u64, round: vec![0; HEADER] }, batches))
     }
 
-    /// Appends one round as one record, without syncing. On failure the record is cut off
-    /// again, so that a later record never follows a torn one.
-    pub fn append(&mut self, round: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> io::Result<()> {
-        let buf = &mut self.buf;
-        buf.clear();
-        buf.resize(HEADER, 0);
-        for (key, change) in round {
-            buf.push(u8::from(change.is_some()));
-            put_bytes(buf, key);
-            if let Some(value) = change {
-                put_bytes(buf, value);
+    /// Adds a job's changes to the current round.
+    pub fn log(&mut self, changes: &Changes) {
+        for (key, op) in &changes.0 {
+            match op {
+                Op::Put(value) | Op::PutNew(value) => {
+                    self.round.push(1);
+                    put_bytes(&mut self.round, key);
+                    put_bytes(&mut self.round, value);
+                }
+                Op::Remove => {
+                    self.round.push(0);
+                    put_bytes(&mut self.round, key);
+                }
             }
         }
-        let payload_len = u32::try_from(buf.len() - HEADER)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a round of over 4 GiB"))?;
-        let crc = crc32fast::hash(&buf[HEADER..]);
-        buf[..4].copy_from_slice(&payload_len.to_le_bytes());
-        buf[4..HEADER].copy_from_slice(&crc.to_le_bytes());
-        if let Err(e) = self.file.write_all_at(buf, self.len) {
-            let _ = self.file.set_len(self.len);
-            return Err(e);
-        }
-        self.len += buf.len() as u64;
-        Ok(())
     }
 
-    /// Makes every appended record durable.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// Writes the current round as one record and syncs the log. On failure the record is cut
+    /// off again: the round is dropped, and a later record never follows a torn one.
+    pub fn commit(&mut self) -> io::Result<()> {
+        if self.round.len() == HEADER {
+            return Ok(());
+        }
+        let before = self.len;
+        let result = self.write_round().and_then(|()| self.file.sync_data());
+        self.round.truncate(HEADER);
+        if result.is_err() {
+            let _ = self.file.set_len(before);
+            self.len = before;
+        }
+        result
+    }
+
+    fn write_round(&mut self) -> io::Result<()> {
+        let payload_len = u32::try_from(self.round.len() - HEADER)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a round of over 4 GiB"))?;
+        let crc = crc32fast::hash(&self.round[HEADER..]);
+        self.round[..4].copy_from_slice(&payload_len.to_le_bytes());
+        self.round[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(&self.round, self.len)?;
+        self.len += self.round.len() as u64;
+        Ok(())
     }
 
     /// Bytes of records since the last checkpoint.
@@ -156,10 +170,21 @@ fn decode_round(mut payload: &[u8]) -> Option<sled::Batch> {
 mod tests {
     use super::*;
 
-    type Round = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+    fn round(ops: &[(&str, Option<&str>)]) -> Changes {
+        let mut changes = Changes::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => changes.insert(k, v),
+                None => changes.remove(k),
+            }
+        }
+        changes
+    }
 
-    fn round(ops: &[(&str, Option<&str>)]) -> Round {
-        ops.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect()
+    /// Logs and commits one round.
+    fn append(wal: &mut Wal, changes: &Changes) -> io::Result<()> {
+        wal.log(changes);
+        wal.commit()
     }
 
     fn replay(dir: &Path) -> sled::Db {
@@ -180,10 +205,9 @@ mod tests {
         {
             let (mut wal, batches) = Wal::open(dir.path()).unwrap();
             assert!(batches.is_empty());
-            wal.append(&round(&[("a", Some("1")), ("b", Some("2"))])).unwrap();
-            wal.append(&round(&[("a", None)])).unwrap();
-            wal.append(&round(&[("b", Some("3")), ("c", Some("4"))])).unwrap();
-            wal.sync().unwrap();
+            append(&mut wal, &round(&[("a", Some("1")), ("b", Some("2"))])).unwrap();
+            append(&mut wal, &round(&[("a", None)])).unwrap();
+            append(&mut wal, &round(&[("b", Some("3")), ("c", Some("4"))])).unwrap();
         }
         let db = replay(dir.path());
         assert_eq!((value(&db, "a"), value(&db, "b"), value(&db, "c")), (None, Some("3".into()), Some("4".into())));
@@ -199,8 +223,7 @@ mod tests {
         {
             let (mut wal, batches) = Wal::open(dir.path()).unwrap();
             assert_eq!(batches.len(), 2);
-            wal.append(&round(&[("d", Some("5"))])).unwrap();
-            wal.sync().unwrap();
+            append(&mut wal, &round(&[("d", Some("5"))])).unwrap();
         }
         assert_eq!(value(&replay(dir.path()), "d"), Some("5".into()));
     }
@@ -220,20 +243,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
         for r in &rounds {
-            wal.append(r).unwrap();
+            append(&mut wal, r).unwrap();
         }
         let dump = |db: &sled::Db| -> Vec<(Vec<u8>, Vec<u8>)> {
             db.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()).collect()
         };
         let expected = dump(&replay(dir.path()));
         assert_eq!(expected.len(), 2, "q/3 and dev are left");
-        let ops: Vec<_> = rounds.iter().flatten().collect();
+        let ops: Vec<_> = rounds.iter().flat_map(|r| r.0.iter()).collect();
         for prefix in 0..=ops.len() {
             let db = sled::Config::new().temporary(true).open().unwrap();
-            for (k, v) in &ops[..prefix] {
-                match v {
-                    Some(v) => db.insert(k.as_slice(), v.as_slice()),
-                    None => db.remove(k.as_slice()),
+            for (k, op) in &ops[..prefix] {
+                match op {
+                    Op::Put(v) | Op::PutNew(v) => db.insert(k.as_slice(), v.as_slice()).map(drop),
+                    Op::Remove => db.remove(k.as_slice()).map(drop),
                 }
                 .unwrap();
             }
@@ -249,8 +272,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append(&round(&[("a", Some("1"))])).unwrap();
-            wal.append(&round(&[("b", Some("2"))])).unwrap();
+            append(&mut wal, &round(&[("a", Some("1"))])).unwrap();
+            append(&mut wal, &round(&[("b", Some("2"))])).unwrap();
         }
         let path = dir.path().join(FILE_NAME);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -265,7 +288,7 @@ mod tests {
     fn reset_empties_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
-        wal.append(&round(&[("a", Some("1"))])).unwrap();
+        append(&mut wal, &round(&[("a", Some("1"))])).unwrap();
         assert!(wal.len() > 0);
         wal.reset().unwrap();
         assert_eq!(wal.len(), 0);
