@@ -179,8 +179,16 @@ fn raise_fd_limit() {
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            // Tens of thousands of clients, and the server (a child) as many: root may raise the
+            // hard limit too; anyone may raise the soft limit to the hard one.
+            let hard = limit.rlim_max;
+            limit.rlim_cur = hard.max(1 << 18);
+            limit.rlim_max = limit.rlim_cur;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                limit.rlim_cur = hard;
+                limit.rlim_max = hard;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
         }
     }
 }
