@@ -123,7 +123,9 @@ impl Application {
             tasks.spawn(state.history.clone().sample_until(shutdown.clone()));
             let stop = shutdown.clone().cancelled_owned();
             tasks.spawn(async move {
-                if let Err(e) = axum::serve(admin_listener, admin_router.into_make_service()).with_graceful_shutdown(stop).await {
+                if let Err(e) =
+                    axum::serve(admin_listener, admin_router.into_make_service()).with_graceful_shutdown(stop).await
+                {
                     tracing::error!(error.message = %e, "admin listener failed");
                 }
             });

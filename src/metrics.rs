@@ -89,7 +89,11 @@ fn describe() {
     describe_histogram!("sio_push_auth_duration_seconds", Unit::Seconds, "Latency of auth_url calls");
     describe_counter!("sio_push_presence_callbacks_total", "Presence PUTs to update_user_url, by outcome");
     describe_histogram!("sio_push_send_duration_seconds", Unit::Seconds, "Latency of POST /send");
-    describe_histogram!("sio_push_store_flush_duration_seconds", Unit::Seconds, "Latency of one write and sync of the store's write-ahead log");
+    describe_histogram!(
+        "sio_push_store_flush_duration_seconds",
+        Unit::Seconds,
+        "Latency of one write and sync of the store's write-ahead log"
+    );
     describe_histogram!("sio_push_store_round_size", "Store jobs sharing one write-ahead log sync");
     describe_histogram!("sio_push_batch_size", "Messages per _batch");
 }

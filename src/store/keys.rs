@@ -7,7 +7,7 @@
 //!
 //! | kind | parts                          | value                      |
 //! |------|--------------------------------|----------------------------|
-//! | `d`  | site, user room, device        | `DeviceState` (JSON)       |
+//! | `d`  | site, user room, device        | `DeviceState` (JSON); its queue counts are stale, the writer counts queues |
 //! | `u`  | site, user room                | room list (JSON)           |
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
 //! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |

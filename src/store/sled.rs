@@ -9,7 +9,7 @@
 //! 8 MiB of log), after which the log starts over. One writer also keeps sled 0.34 away from
 //! its deadlock under concurrent `flush_async` calls (sled#1308).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -67,6 +67,10 @@ struct Writer {
     round: Pending,
     /// Message ids: the next one, and how far they are reserved in the round and durably.
     ids: Ids,
+    /// Each device's queue length and bytes, by queue prefix: counted from the queue when first
+    /// needed, then kept as entries come and go, instead of rewriting the device's state for
+    /// every message and ack. Cleared whenever a job or a round fails; the queues are the truth.
+    counts: HashMap<Vec<u8>, Counts>,
     wal: Wal,
     /// When sled last held every logged change durably.
     checkpointed: std::time::Instant,
@@ -84,6 +88,13 @@ struct Ids {
     reserved: u64,
     /// Reserved up to here durably.
     durable: u64,
+}
+
+/// A device queue's length and size.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    len: u64,
+    bytes: u64,
 }
 
 /// The free-space floor. sled 0.34 does not answer (it hangs) once its disk is full, so the
@@ -217,6 +228,7 @@ impl SledStore {
         };
         let mut writer = Writer {
             ids: Ids { next: reserved, reserved, durable: reserved },
+            counts: HashMap::new(),
             db,
             tree,
             pending: Pending::default(),
@@ -262,6 +274,9 @@ impl SledStore {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |w: &mut Writer| -> Reply {
             let result = f(w);
+            if result.is_err() {
+                w.counts.clear(); // the job may have counted changes it never applied
+            }
             Box::new(move |flushed: Result<(), String>| {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
             })
@@ -337,6 +352,7 @@ impl Writer {
         let round = std::mem::take(&mut self.round);
         if let Err(e) = self.wal.commit() {
             self.ids.reserved = self.ids.durable;
+            self.counts.clear();
             return Err(format!("cannot write the write-ahead log: {e}"));
         }
         self.ids.durable = self.ids.reserved;
@@ -375,16 +391,35 @@ impl Writer {
         Ok(())
     }
 
-    fn device_state(&self, key: &[u8]) -> Result<Option<DeviceState>, StoreError> {
-        read_device(self, key)
+    /// The counts of the queue under `prefix`, counted from the queue if not known yet.
+    fn counts(&mut self, prefix: &[u8]) -> Result<Counts, StoreError> {
+        if let Some(counts) = self.counts.get(prefix) {
+            return Ok(*counts);
+        }
+        let mut counts = Counts::default();
+        for item in self.scan(prefix) {
+            counts.len += 1;
+            counts.bytes += keys::queued_entry_len(&item?.1);
+        }
+        self.counts.insert(prefix.to_vec(), counts);
+        Ok(counts)
+    }
+
+    /// A stored device state with its queue counts filled in.
+    fn with_counts(&mut self, dev: &DeviceKey, mut state: DeviceState) -> Result<DeviceState, StoreError> {
+        let counts = self.counts(&keys::queue(dev)?)?;
+        (state.queue_len, state.queue_bytes) = (counts.len, counts.bytes);
+        Ok(state)
     }
 
     /// Adds to `batch` the removal of a device and its queue.
-    fn forget_device(&self, dev: &DeviceKey, batch: &mut Changes) -> Result<(), StoreError> {
+    fn forget_device(&mut self, dev: &DeviceKey, batch: &mut Changes) -> Result<(), StoreError> {
         batch.remove(keys::device(dev)?);
-        for item in self.scan(&keys::queue(dev)?) {
+        let prefix = keys::queue(dev)?;
+        for item in self.scan(&prefix) {
             batch.remove(item?.0);
         }
+        self.counts.remove(&prefix);
         Ok(())
     }
 
@@ -398,28 +433,23 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the given queue entries of one device in one batch, keeping its counters true.
+    /// Removes the given queue entries of one device in one batch, keeping its counts true.
     fn remove_entries(&mut self, dev: &DeviceKey, ids: &[MessageId]) -> Result<u64, StoreError> {
-        let dkey = keys::device(dev)?;
-        let Some(mut state) = self.device_state(&dkey)? else {
-            return Ok(0);
-        };
         let prefix = keys::queue(dev)?;
+        let mut counts = self.counts(&prefix)?;
         let mut batch = Changes::default();
         let mut removed = 0;
         for id in ids {
             let key = keys::queued(&prefix, *id);
             if let Some(value) = self.get(&key)? {
                 batch.remove(key);
-                state.queue_len -= 1;
-                state.queue_bytes -= keys::queued_entry_len(&value);
+                counts.len = counts.len.saturating_sub(1);
+                counts.bytes = counts.bytes.saturating_sub(keys::queued_entry_len(&value));
                 removed += 1;
             }
         }
-        if removed > 0 {
-            batch.insert(dkey, encode(&state));
-            self.apply(batch)?;
-        }
+        self.counts.insert(prefix, counts);
+        self.apply(batch)?;
         Ok(removed)
     }
 }
@@ -464,7 +494,7 @@ impl Store for SledStore {
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
             let old_rooms = read_rooms(w, &ukey)?;
-            let mut state = w.device_state(&dkey)?.unwrap_or_default();
+            let mut state = read_device(w, &dkey)?.unwrap_or_default();
             let overflowed = std::mem::take(&mut state.overflowed);
             state.connected = true;
 
@@ -486,7 +516,7 @@ impl Store for SledStore {
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
         let dkey = keys::device(device)?;
         self.job(move |w| {
-            if let Some(mut state) = w.device_state(&dkey)? {
+            if let Some(mut state) = read_device(w, &dkey)? {
                 state.connected = false;
                 state.disconnected_at = now;
                 let mut batch = Changes::default();
@@ -565,8 +595,8 @@ impl Store for SledStore {
             let mut out = Enqueued { id, ..Enqueued::default() };
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
-                for item in w.scan(&keys::devices_of(&site, user)?) {
-                    let (k, v) = item?;
+                let devices: Vec<_> = w.scan(&keys::devices_of(&site, user)?).collect::<Result<_, _>>()?;
+                for (k, v) in devices {
                     let dev = keys::parse_device(&k).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
                     let mut state: DeviceState =
                         serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
@@ -579,28 +609,28 @@ impl Store for SledStore {
                     live += 1;
                     let prefix = keys::queue(&dev)?;
                     batch.insert_new(keys::queued(&prefix, id), keys::queued_value(expiry.now, &entry));
-                    state.queue_len += 1;
-                    state.queue_bytes += entry.len() as u64;
+                    let mut counts = w.counts(&prefix)?;
+                    counts.len += 1;
+                    counts.bytes += entry.len() as u64;
                     let mut dropped = 0;
-                    if state.queue_len > limits.max_len || state.queue_bytes > limits.max_bytes {
+                    if counts.len > limits.max_len || counts.bytes > limits.max_bytes {
                         for old in w.scan(&prefix) {
-                            if state.queue_len <= 1
-                                || (state.queue_len <= limits.max_len && state.queue_bytes <= limits.max_bytes)
-                            {
+                            if counts.len <= 1 || (counts.len <= limits.max_len && counts.bytes <= limits.max_bytes) {
                                 break;
                             }
                             let (old_key, old_value) = old?;
                             batch.remove(old_key);
-                            state.queue_len -= 1;
-                            state.queue_bytes -= keys::queued_entry_len(&old_value);
+                            counts.len = counts.len.saturating_sub(1);
+                            counts.bytes = counts.bytes.saturating_sub(keys::queued_entry_len(&old_value));
                             dropped += 1;
                         }
                     }
+                    w.counts.insert(prefix, counts);
                     if dropped > 0 {
                         state.overflowed = true;
+                        batch.insert(k, encode(&state));
                         out.overflowed.push((dev.clone(), dropped));
                     }
-                    batch.insert(k, encode(&state));
                     out.devices.push(dev);
                 }
                 if live == 0 && gone > 0 {
@@ -684,18 +714,22 @@ impl Store for SledStore {
     }
 
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
-        let key = keys::device(device)?;
-        self.job(move |w| read_device(w, &key)).await
+        let (key, device) = (keys::device(device)?, device.clone());
+        self.job(move |w| match read_device(w, &key)? {
+            Some(state) => w.with_counts(&device, state).map(Some),
+            None => Ok(None),
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
         self.job(|w| {
             let mut out = BTreeMap::<String, SiteStats>::new();
-            for item in w.scan(&[keys::DEVICE]) {
-                let (k, v) = item?;
+            let devices: Vec<_> = w.scan(&[keys::DEVICE]).collect::<Result<_, _>>()?;
+            for (k, v) in devices {
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
-                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                let state = w.with_counts(&dev, serde_json::from_slice(&v).map_err(|_| corrupt())?)?;
                 out.entry(dev.site).or_default().add(&state);
             }
             Ok(out)
@@ -707,11 +741,11 @@ impl Store for SledStore {
         let prefix = keys::devices_of(site, user)?;
         self.job(move |w| {
             let mut out = Vec::new();
-            for item in w.scan(&prefix) {
-                let (k, v) = item?;
+            let devices: Vec<_> = w.scan(&prefix).collect::<Result<_, _>>()?;
+            for (k, v) in devices {
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
-                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+                let state = w.with_counts(&dev, serde_json::from_slice(&v).map_err(|_| corrupt())?)?;
                 let oldest = match w.scan(&keys::queue(&dev)?).next() {
                     Some(item) => {
                         let (qk, qv) = item?;

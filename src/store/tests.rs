@@ -384,6 +384,8 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
         for (u, d) in devs.iter().enumerate() {
             let got: Vec<MessageId> = store.pending(d).await.unwrap().iter().map(|q| q.id).collect();
             assert_eq!(got, expected[u], "generation {generation}, user_{u}");
+            let queued = store.device(d).await.unwrap().map_or(0, |state| state.queue_len);
+            assert_eq!(queued, expected[u].len() as u64, "counts recovered too");
             store.connect(d, &rooms(&[&format!("user_{u}"), "crowd"])).await.unwrap();
         }
         for round in 0..10 + 7 * generation {
