@@ -12,11 +12,8 @@ use std::iter::Peekable;
 
 use sled::{IVec, Tree};
 
+use super::sled::io;
 use super::StoreError;
-
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
-}
 
 /// One change of a key.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -188,7 +188,8 @@ impl Sync {
     }
 }
 
-fn io(e: sled::Error) -> StoreError {
+/// A sled error as a store error.
+pub(super) fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
@@ -367,8 +368,7 @@ impl Writer {
             self.ids.reserved = self.ids.next + ID_BLOCK;
             let mut reserve = Changes::default();
             reserve.insert(keys::IDS_RESERVED, self.ids.reserved.to_be_bytes());
-            self.wal.log(&reserve);
-            self.round.apply(reserve);
+            self.apply(reserve);
         }
         self.ids.next += 1;
         self.ids.next - 1
@@ -385,10 +385,9 @@ impl Writer {
     }
 
     /// Applies one job's atomic set of changes to the current round.
-    fn apply(&mut self, changes: Changes) -> Result<(), StoreError> {
+    fn apply(&mut self, changes: Changes) {
         self.wal.log(&changes);
         self.round.apply(changes);
-        Ok(())
     }
 
     /// The counts of the queue under `prefix`, counted from the queue if not known yet.
@@ -449,7 +448,7 @@ impl Writer {
             }
         }
         self.counts.insert(prefix, counts);
-        self.apply(batch)?;
+        self.apply(batch);
         Ok(removed)
     }
 }
@@ -507,7 +506,7 @@ impl Store for SledStore {
             }
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
-            w.apply(batch)?;
+            w.apply(batch);
             Ok(Connected { pending: read_queue(w, &device)?, overflowed })
         })
         .await
@@ -521,7 +520,7 @@ impl Store for SledStore {
                 state.disconnected_at = now;
                 let mut batch = Changes::default();
                 batch.insert(dkey, encode(&state));
-                w.apply(batch)?;
+                w.apply(batch);
             }
             Ok(())
         })
@@ -543,7 +542,7 @@ impl Store for SledStore {
                     count += 1;
                 }
             }
-            w.apply(batch)?;
+            w.apply(batch);
             Ok(count)
         })
         .await
@@ -637,7 +636,7 @@ impl Store for SledStore {
                     w.forget_user(&site, user, &mut batch)?;
                 }
             }
-            w.apply(batch)?;
+            w.apply(batch);
             Ok(out)
         })
         .await
@@ -691,11 +690,11 @@ impl Store for SledStore {
             for dev in &expired {
                 let mut batch = Changes::default();
                 w.forget_device(dev, &mut batch)?;
-                w.apply(batch)?;
+                w.apply(batch);
                 if w.scan(&keys::devices_of(&dev.site, &dev.user)?).next().is_none() {
                     let mut batch = Changes::default();
                     w.forget_user(&dev.site, &dev.user, &mut batch)?;
-                    w.apply(batch)?;
+                    w.apply(batch);
                 }
             }
             let mut batch = Changes::default();
@@ -707,7 +706,7 @@ impl Store for SledStore {
                     batch.remove(k);
                 }
             }
-            w.apply(batch)?;
+            w.apply(batch);
             Ok(expired)
         })
         .await
