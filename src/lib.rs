@@ -5,7 +5,7 @@
 //! - `ops`: the operator commands `status` and `send`.
 //! - `import`: the old service's YAML configuration turned into our TOML.
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
-//! - `telemetry`: log setup and the span-keeping `spawn_blocking` helper.
+//! - `telemetry`: log setup.
 //! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).
 //! - `tls`: optional https/wss on the main listener.
 //! - `shutdown`: signals to a cancellation token.

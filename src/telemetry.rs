@@ -1,4 +1,4 @@
-//! Logging setup and the span-keeping `spawn_blocking` helper.
+//! Logging setup.
 //!
 //! One subscriber for the whole process, filtered by `RUST_LOG` (default `info`). Under systemd
 //! (`JOURNAL_STREAM` set) lines carry no timestamp and no colour, since the journal adds its own.
@@ -6,7 +6,6 @@
 
 use std::io::IsTerminal;
 
-use tracing::Span;
 use tracing_subscriber::{fmt, EnvFilter};
 
 /// How log lines are written.
@@ -31,14 +30,4 @@ pub fn init(format: LogFormat) {
         (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
     drop(result);
-}
-
-/// `tokio::task::spawn_blocking`, with the caller's span entered in the blocking task.
-pub fn spawn_blocking_with_tracing<F, R>(f: F) -> tokio::task::JoinHandle<R>
-where
-    F: FnOnce() -> R + Send + 'static,
-    R: Send + 'static,
-{
-    let span = Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
 }

@@ -53,6 +53,12 @@ enum Scenario {
     Smoke(Common),
 }
 
+impl Common {
+    fn limit(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
 #[derive(Args, Clone)]
 struct Common {
     /// The sio-push binary to start.
@@ -119,47 +125,36 @@ async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
     let cli = Cli::parse();
     match cli.scenario {
-        Scenario::Connect(args) => {
-            let limit = Duration::from_secs(args.common.timeout_secs);
-            let out = tokio::time::timeout(limit, connect(&args.common, args.clients, args.concurrency)).await??;
-            report("connect", &out);
+        Scenario::Connect(a) => run("connect", a.common.limit(), connect(&a.common, a.clients, a.concurrency)).await,
+        Scenario::Unicast(a) => {
+            run("unicast", a.common.limit(), unicast(&a.common, a.clients, a.messages, a.concurrency)).await
         }
-        Scenario::Unicast(args) => {
-            let limit = Duration::from_secs(args.common.timeout_secs);
-            let run = unicast(&args.common, args.clients, args.messages, args.concurrency);
-            let out = tokio::time::timeout(limit, run).await??;
-            report("unicast", &out);
-        }
-        Scenario::Fanout(args) => {
-            let limit = Duration::from_secs(args.common.timeout_secs);
-            let out = tokio::time::timeout(limit, fanout(&args.common, args.clients, args.rounds)).await??;
-            report("fanout", &out);
-        }
-        Scenario::Replay(args) => {
-            let limit = Duration::from_secs(args.common.timeout_secs);
-            let out = tokio::time::timeout(limit, replay(&args.common, args.clients, args.per_device)).await??;
-            report("replay", &out);
-        }
-        Scenario::Restart(args) => {
-            let limit = Duration::from_secs(args.common.timeout_secs);
-            let out = tokio::time::timeout(limit, restart(&args.common, args.clients, args.per_device)).await??;
-            report("restart", &out);
-        }
+        Scenario::Fanout(a) => run("fanout", a.common.limit(), fanout(&a.common, a.clients, a.rounds)).await,
+        Scenario::Replay(a) => run("replay", a.common.limit(), replay(&a.common, a.clients, a.per_device)).await,
+        Scenario::Restart(a) => run("restart", a.common.limit(), restart(&a.common, a.clients, a.per_device)).await,
         Scenario::Smoke(common) => {
-            let limit = Duration::from_secs(common.timeout_secs.min(120));
-            let out = tokio::time::timeout(limit, connect(&common, 50, 10)).await??;
-            report("connect", &out);
-            let out = tokio::time::timeout(limit, unicast(&common, 50, 1000, 20)).await??;
-            report("unicast", &out);
-            let out = tokio::time::timeout(limit, fanout(&common, 50, 5)).await??;
-            report("fanout", &out);
-            let out = tokio::time::timeout(limit, replay(&common, 20, 10)).await??;
-            report("replay", &out);
-            let out = tokio::time::timeout(limit, restart(&common, 20, 10)).await??;
-            report("restart", &out);
+            let limit = common.limit().min(Duration::from_secs(120));
+            run("connect", limit, connect(&common, 50, 10)).await?;
+            run("unicast", limit, unicast(&common, 50, 1000, 20)).await?;
+            run("fanout", limit, fanout(&common, 50, 5)).await?;
+            run("replay", limit, replay(&common, 20, 10)).await?;
+            run("restart", limit, restart(&common, 20, 10)).await?;
             println!("smoke: every message arrived exactly once");
+            Ok(())
         }
     }
+}
+
+/// Runs one scenario within `limit` and reports its figures.
+async fn run(
+    scenario: &str,
+    limit: Duration,
+    figures: impl std::future::Future<Output = anyhow::Result<serde_json::Map<String, serde_json::Value>>>,
+) -> anyhow::Result<()> {
+    let out = tokio::time::timeout(limit, figures)
+        .await
+        .map_err(|_| anyhow::anyhow!("{scenario} did not finish within {} s", limit.as_secs()))??;
+    report(scenario, &out);
     Ok(())
 }
 

@@ -74,6 +74,8 @@ struct Writer {
     wal: Wal,
     /// When sled last held every logged change durably.
     checkpointed: std::time::Instant,
+    /// Age of logged changes that triggers a checkpoint.
+    checkpoint_every: std::time::Duration,
     sync: Sync,
     space: DiskSpace,
 }
@@ -198,6 +200,17 @@ impl SledStore {
     /// Spawns the writer thread, which ends when the last clone of the store is dropped.
     /// Below `min_free_bytes` of free disk space new data is refused (0: never).
     pub fn open(dir: &Path, cache_bytes: u64, min_free_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, cache_bytes, min_free_bytes, CHECKPOINT_EVERY)
+    }
+
+    /// As [`SledStore::open`], checkpointing once logged changes are `checkpoint_every` old
+    /// (tests choose every round, or never but on close and size).
+    pub(super) fn open_with(
+        dir: &Path,
+        cache_bytes: u64,
+        min_free_bytes: u64,
+        checkpoint_every: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("schema").map_err(io)? {
@@ -222,9 +235,11 @@ impl SledStore {
         // Ids below the reservation may have been used; sled's generator covers data dirs from
         // before the reservation key.
         let reserved = match tree.get(keys::IDS_RESERVED).map_err(io)? {
-            Some(v) => {
-                v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt { key: "i".into() })?
-            }
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt { key: keys::show(keys::IDS_RESERVED) })?,
             None => db.generate_id().map_err(io)?,
         };
         let mut writer = Writer {
@@ -236,6 +251,7 @@ impl SledStore {
             round: Pending::default(),
             wal,
             checkpointed: std::time::Instant::now(),
+            checkpoint_every,
             sync: Sync::open(dir)?,
             space: DiskSpace::new(dir, min_free_bytes)?,
         };
@@ -333,7 +349,7 @@ impl Writer {
                 reply(committed.clone());
             }
             if self.wal.len() >= CHECKPOINT_BYTES
-                || (self.wal.len() > 0 && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
+                || (self.wal.len() > 0 && self.checkpointed.elapsed() >= self.checkpoint_every)
             {
                 if let Err(e) = self.checkpoint() {
                     tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
