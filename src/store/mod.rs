@@ -6,9 +6,11 @@
 //! delivery code holds an `Arc<dyn Store>`, so another backend (Redis, say) only has to pass the
 //! same conformance suite (`store::tests`).
 //!
-//! Each method is one atomic unit of work. Methods that accept data from `POST /send` or change
-//! the registry return only once the change is durable; acknowledgements may be lazier, since a
-//! lost removal only means a duplicate delivery.
+//! Each method is one atomic unit of work. Methods that accept data from `POST /send`, register
+//! a device or act for an operator return only once the change is durable. Acknowledgements,
+//! disconnect times and expiry may be lazier (the sled store makes them durable with the next
+//! durable change, or within a second): a lost removal only means a duplicate delivery, and a
+//! lost disconnect time is set again at the next start.
 
 mod keys;
 pub mod memory;

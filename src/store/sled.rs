@@ -49,13 +49,33 @@ pub struct SledStore {
 /// Work for the writer thread.
 enum Job {
     /// A change: `run` applies it and returns how to answer the caller once the round's commit
-    /// result is known.
-    Change(Box<dyn FnOnce(&mut Writer) -> Reply + Send>),
+    /// result is known. A `durable` change makes its round sync the log; others are answered
+    /// once written, and are synced with the next durable round or checkpoint (see [`Durability`]).
+    Change { run: Box<dyn FnOnce(&mut Writer) -> Reply + Send>, durable: Durability },
     /// Flush what came before and exit.
     Stop,
 }
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// When a job's caller is answered.
+///
+/// An accepted message must be on disk before its answer (PROTOCOL.md: `200` means fsynced),
+/// and so must a device's registration: a device that has seen `_settings` must get what is
+/// sent while it is away, even across a crash. Acks, disconnect times and expiry heal
+/// themselves if a crash loses their last moment: a lost ack means the message is delivered
+/// again (the duplicate the protocol allows after a lost ack), a lost disconnect time is set
+/// again at the next start, a lost expiry is found again by the next sweep. Those, and reads,
+/// are answered once their record is written. The log is sequential, so the next synced round,
+/// or the checkpoint at most `CHECKPOINT_EVERY` later, makes them durable too. This saves a
+/// sync per round of acks: most rounds of a fan-out.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Durability {
+    /// Answered once synced.
+    Synced,
+    /// Answered once written; synced by the next synced round or checkpoint.
+    Written,
+}
 
 /// What the writer thread owns.
 struct Writer {
@@ -282,8 +302,8 @@ impl SledStore {
     }
 
     /// Runs `f` on the writer thread, which sees every change; answers once its round is
-    /// durable.
-    async fn job<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// `durable`.
+    async fn job<T, F>(&self, durable: Durability, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
@@ -298,7 +318,7 @@ impl SledStore {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
             })
         });
-        self.jobs.send(Job::Change(run)).await.map_err(|_| StoreError::Closed)?;
+        self.jobs.send(Job::Change { run, durable }).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -331,14 +351,18 @@ impl Writer {
                 }
             }
             let mut waiting = Vec::with_capacity(round.len());
+            let mut sync = false;
             for job in round.drain(..) {
                 match job {
-                    Job::Change(run) => waiting.push(run(&mut self)),
+                    Job::Change { run, durable } => {
+                        sync |= durable == Durability::Synced;
+                        waiting.push(run(&mut self));
+                    }
                     Job::Stop => stopping = true,
                 }
             }
             let started = std::time::Instant::now();
-            let committed = self.commit();
+            let committed = self.commit(sync);
             if let Err(e) = &committed {
                 tracing::error!(error.message = %e, "store write failed");
             }
@@ -356,18 +380,19 @@ impl Writer {
                 }
             }
         }
-        if let Err(e) = self.commit().and_then(|()| self.checkpoint()) {
+        if let Err(e) = self.commit(true).and_then(|()| self.checkpoint()) {
             tracing::error!(error.message = %e, "final store checkpoint failed; the write-ahead log is replayed at the next start");
         }
         // `self` (the database) is dropped here, before the caller signals `stopped`.
     }
 
-    /// Makes the round durable (one write and one sync of the write-ahead log) and adds it to
-    /// the pending changes. A round that cannot be logged is dropped whole: its callers get the
-    /// error and nothing of it remains.
-    fn commit(&mut self) -> Result<(), String> {
+    /// Writes the round to the write-ahead log, syncs the log when `sync` (or when the round
+    /// reserves message ids) and adds the round to the pending changes. A round that cannot be
+    /// logged is dropped whole: its callers get the error and nothing of it remains.
+    fn commit(&mut self, sync: bool) -> Result<(), String> {
         let round = std::mem::take(&mut self.round);
-        if let Err(e) = self.wal.commit() {
+        let sync = sync || self.ids.reserved != self.ids.durable;
+        if let Err(e) = self.wal.commit(sync) {
             self.ids.reserved = self.ids.durable;
             self.counts.clear();
             return Err(format!("cannot write the write-ahead log: {e}"));
@@ -504,7 +529,7 @@ fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreErr
 impl Store for SledStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let (device, rooms) = (device.clone(), rooms.to_vec());
-        self.job(move |w| {
+        self.job(Durability::Synced, move |w| {
             w.space.check()?;
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
@@ -530,7 +555,7 @@ impl Store for SledStore {
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
         let dkey = keys::device(device)?;
-        self.job(move |w| {
+        self.job(Durability::Written, move |w| {
             if let Some(mut state) = read_device(w, &dkey)? {
                 state.connected = false;
                 state.disconnected_at = now;
@@ -544,7 +569,7 @@ impl Store for SledStore {
     }
 
     async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
-        self.job(move |w| {
+        self.job(Durability::Synced, move |w| {
             let mut batch = Changes::default();
             let mut count = 0;
             for item in w.scan(&[keys::DEVICE]) {
@@ -566,7 +591,7 @@ impl Store for SledStore {
 
     async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
         let prefix = keys::room_members(site, room)?;
-        self.job(move |w| {
+        self.job(Durability::Written, move |w| {
             w.scan(&prefix)
                 .map(|item| {
                     let (k, _) = item?;
@@ -589,7 +614,7 @@ impl Store for SledStore {
         idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
         let (site, users) = (site.to_owned(), users.to_vec());
-        self.job(move |w| {
+        self.job(Durability::Synced, move |w| {
             w.space.check()?;
             let mut batch = Changes::default();
             if let Some(idem) = &idempotency {
@@ -660,17 +685,17 @@ impl Store for SledStore {
 
     async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
         let device = device.clone();
-        self.job(move |w| read_queue(w, &device)).await
+        self.job(Durability::Written, move |w| read_queue(w, &device)).await
     }
 
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
         let (device, ids) = (device.clone(), ids.to_vec());
-        self.job(move |w| w.remove_entries(&device, &ids).map(drop)).await
+        self.job(Durability::Written, move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let (device, event) = (device.clone(), event.to_owned());
-        self.job(move |w| {
+        self.job(Durability::Written, move |w| {
             let queue = read_queue(w, &device)?;
             if !queue.iter().any(|q| q.id == id) {
                 return Ok(CheckedAck::Removed);
@@ -692,7 +717,7 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
-        self.job(move |w| {
+        self.job(Durability::Written, move |w| {
             let mut expired = Vec::new();
             for item in w.scan(&[keys::DEVICE]) {
                 let (k, v) = item?;
@@ -730,7 +755,7 @@ impl Store for SledStore {
 
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
         let (key, device) = (keys::device(device)?, device.clone());
-        self.job(move |w| match read_device(w, &key)? {
+        self.job(Durability::Written, move |w| match read_device(w, &key)? {
             Some(state) => w.with_counts(&device, state).map(Some),
             None => Ok(None),
         })
@@ -738,7 +763,7 @@ impl Store for SledStore {
     }
 
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
-        self.job(|w| {
+        self.job(Durability::Written, |w| {
             let mut out = BTreeMap::<String, SiteStats>::new();
             let devices: Vec<_> = w.scan(&[keys::DEVICE]).collect::<Result<_, _>>()?;
             for (k, v) in devices {
@@ -754,7 +779,7 @@ impl Store for SledStore {
 
     async fn user_devices(&self, site: &str, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
         let prefix = keys::devices_of(site, user)?;
-        self.job(move |w| {
+        self.job(Durability::Written, move |w| {
             let mut out = Vec::new();
             let devices: Vec<_> = w.scan(&prefix).collect::<Result<_, _>>()?;
             for (k, v) in devices {
@@ -779,7 +804,7 @@ impl Store for SledStore {
 
     async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
         let device = device.clone();
-        self.job(move |w| {
+        self.job(Durability::Synced, move |w| {
             let ids: Vec<MessageId> = read_queue(w, &device)?.iter().map(|q| q.id).collect();
             w.remove_entries(&device, &ids)
         })
@@ -787,7 +812,7 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.job(|_| Ok(())).await
+        self.job(Durability::Synced, |_| Ok(())).await
     }
 
     fn is_open(&self) -> bool {

@@ -42,6 +42,8 @@ pub struct Wal {
     len: u64,
     /// The current round's record: an 8-byte header to fill in, then its operations.
     round: Vec<u8>,
+    /// Records were written since the last sync.
+    unsynced: bool,
 }
 
 const HEADER: usize = 8;
@@ -60,7 +62,7 @@ impl Wal {
             file.sync_all()?;
             tracing::warn!(path = %path.display(), kept = len, cut = bytes.len() - len, "write-ahead log ends in an incomplete record (a write cut off by a crash): it is dropped");
         }
-        Ok((Self { file, len: len as u64, round: vec![0; HEADER] }, batches))
+        Ok((Self { file, len: len as u64, round: vec![0; HEADER], unsynced: false }, batches))
     }
 
     /// Adds a job's changes to the current round.
@@ -80,16 +82,25 @@ impl Wal {
         }
     }
 
-    /// Writes the current round as one record and syncs the log. On failure the record is cut
-    /// off again: the round is dropped, and a later record never follows a torn one.
-    pub fn commit(&mut self) -> io::Result<()> {
-        if self.round.len() == HEADER {
+    /// Writes the current round as one record, and with `sync` syncs the log: this record and
+    /// every one written before it. On failure the record is cut off again: the round is
+    /// dropped, and a later record never follows a torn one.
+    pub fn commit(&mut self, sync: bool) -> io::Result<()> {
+        let write = self.round.len() > HEADER;
+        if !write && !(sync && self.unsynced) {
             return Ok(());
         }
         let before = self.len;
-        let result = self.write_round().and_then(|()| self.file.sync_data());
+        let mut result = if write { self.write_round() } else { Ok(()) };
+        if result.is_ok() && write {
+            self.unsynced = true;
+        }
+        if result.is_ok() && sync {
+            result = self.file.sync_data();
+            self.unsynced &= result.is_err();
+        }
         self.round.truncate(HEADER);
-        if result.is_err() {
+        if result.is_err() && write {
             let _ = self.file.set_len(before);
             self.len = before;
         }
@@ -117,6 +128,7 @@ impl Wal {
         self.file.set_len(0)?;
         self.file.sync_all()?;
         self.len = 0;
+        self.unsynced = false;
         Ok(())
     }
 }
@@ -184,7 +196,7 @@ mod tests {
     /// Logs and commits one round.
     fn append(wal: &mut Wal, changes: &Changes) -> io::Result<()> {
         wal.log(changes);
-        wal.commit()
+        wal.commit(true)
     }
 
     fn replay(dir: &Path) -> sled::Db {
