@@ -87,7 +87,8 @@ impl Wal {
     /// dropped, and a later record never follows a torn one.
     pub fn commit(&mut self, sync: bool) -> io::Result<()> {
         let write = self.round.len() > HEADER;
-        if !write && !(sync && self.unsynced) {
+        let sync = sync && (write || self.unsynced);
+        if !write && !sync {
             return Ok(());
         }
         let before = self.len;
@@ -294,6 +295,23 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let db = replay(dir.path());
         assert_eq!((value(&db, "a"), value(&db, "b")), (Some("1".into()), None));
+    }
+
+    #[test]
+    fn rounds_written_without_a_sync_are_in_the_log_and_tracked_until_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        wal.log(&round(&[("a", Some("1"))]));
+        wal.commit(false).unwrap();
+        assert!(wal.unsynced);
+        // A sync request with nothing new still syncs what was written before.
+        wal.commit(true).unwrap();
+        assert!(!wal.unsynced);
+        wal.log(&round(&[("b", Some("2"))]));
+        wal.commit(false).unwrap();
+        assert_eq!(Wal::open(dir.path()).unwrap().1.len(), 2);
+        wal.reset().unwrap();
+        assert!(!wal.unsynced, "a checkpoint leaves nothing to sync");
     }
 
     #[test]

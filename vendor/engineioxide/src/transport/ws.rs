@@ -120,9 +120,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // sio-push patch: the handshake runs in its own allocation, freed once it is done. Inline,
-    // its futures sized the task that then lives as long as the connection.
-    // Boxed in a statement of its own: a temporary of the awaiting statement would stay in
-    // the task across the await.
+    // its futures (1.8 KiB) sized the task that then lives as long as the connection.
     let handshake = Box::pin(handshake(&engine, conn, protocol, sid, req_data));
     let (socket, ws) = handshake.await?;
     let (tx, rx) = ws.split();
