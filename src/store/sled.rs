@@ -49,8 +49,8 @@ pub struct SledStore {
 /// Work for the writer thread.
 enum Job {
     /// A change: `run` applies it and returns how to answer the caller once the round's commit
-    /// result is known. A `durable` change makes its round sync the log; others are answered
-    /// once written, and are synced with the next durable round or checkpoint (see [`Durability`]).
+    /// result is known. A `Durability::Synced` change makes its round sync the log; the others
+    /// are answered once written (see [`Durability`]).
     Change { run: Box<dyn FnOnce(&mut Writer) -> Reply + Send>, durable: Durability },
     /// Flush what came before and exit.
     Stop,
