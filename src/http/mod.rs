@@ -16,6 +16,7 @@ use axum::http::{HeaderValue, Request};
 use axum::routing::{get, post};
 use axum::Router;
 use socketioxide::layer::SocketIoLayer;
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -100,6 +101,10 @@ async fn own_request_head(mut req: Request<axum::body::Body>) -> Request<axum::b
 }
 
 /// The whole router: HTTP routes, socket.io, request ids and tracing.
+///
+/// The layers are one tower stack around the routes, not `Router::layer` calls: each of those
+/// wraps every route in a boxed service that is cloned, and whose response body is boxed again,
+/// for every request (six layers made about 35 of the 145 allocations of a `/send`).
 pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
     let mut app = Router::new()
@@ -118,16 +123,18 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     }
     let header = axum::http::HeaderName::from_static("x-request-id");
     let cors = socket_io_cors(state.sites.clone());
-    app.with_state(state)
-        .layer(socketio)
-        .layer(axum::middleware::map_request(own_request_head))
-        .layer(cors)
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(header.clone(), Counter::default()))
+        .layer(PropagateRequestIdLayer::new(header))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             // The path only: the query may hold an API key or a token.
             let route = req.uri().path();
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!("http", method = %req.method(), route, request_id = id)
         }))
-        .layer(PropagateRequestIdLayer::new(header.clone()))
-        .layer(SetRequestIdLayer::new(header, Counter::default()))
+        .layer(cors)
+        .layer(axum::middleware::map_request(own_request_head))
+        .layer(socketio)
+        .service(app.with_state(state));
+    Router::new().fallback_service(stack)
 }
