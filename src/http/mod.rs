@@ -11,12 +11,14 @@ pub mod publish;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::http::{HeaderValue, Request};
 use axum::routing::{get, post};
 use axum::Router;
+use futures_util::future::Either;
 use socketioxide::layer::SocketIoLayer;
-use tower::ServiceBuilder;
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -63,17 +65,67 @@ impl MakeRequestId for Counter {
 /// CORS for socket.io's long-polling: browsers on a website's origin poll across origins, as
 /// socket.io 1.x allowed. The engine.io request does not name a site yet, so an origin passes if
 /// any site allows it (each site's own list is enforced when the client joins its namespace).
-/// Nothing else gets CORS headers: `/send` is for servers.
-fn socket_io_cors(sites: Sites) -> CorsLayer {
-    let allow = AllowOrigin::predicate(move |origin, parts| {
-        parts.uri.path().starts_with("/socket.io/")
-            && origin.to_str().is_ok_and(|origin| sites.all().iter().any(|s| s.allows_origin(origin)))
+/// Nothing else gets CORS headers (see [`SocketIoOnly`]): `/send` is for servers.
+fn socket_io_cors(sites: Sites) -> SocketIoOnly<CorsLayer> {
+    let allow = AllowOrigin::predicate(move |origin, _| {
+        origin.to_str().is_ok_and(|origin| sites.all().iter().any(|s| s.allows_origin(origin)))
     });
-    CorsLayer::new()
-        .allow_origin(allow)
-        .allow_credentials(true)
-        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+    SocketIoOnly(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_credentials(true)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers(tower_http::cors::AllowHeaders::mirror_request()),
+    )
+}
+
+fn is_socket_io<B>(req: &Request<B>) -> bool {
+    req.uri().path().starts_with("/socket.io/")
+}
+
+/// Applies a layer to socket.io requests only; the others go straight to the inner service.
+/// tower-http's CORS layer otherwise adds `Vary` and `Access-Control-Allow-Credentials` to every
+/// response, and costs a `/send` several allocations, for headers no server-side caller wants.
+#[derive(Clone)]
+struct SocketIoOnly<L>(L);
+
+impl<S: Clone, L: Layer<S>> Layer<S> for SocketIoOnly<L> {
+    type Service = SocketIoOnlyService<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SocketIoOnlyService { layered: self.0.layer(inner.clone()), inner }
+    }
+}
+
+#[derive(Clone)]
+struct SocketIoOnlyService<W, S> {
+    layered: W,
+    inner: S,
+}
+
+impl<B, W, S> Service<Request<B>> for SocketIoOnlyService<W, S>
+where
+    W: Service<Request<B>>,
+    S: Service<Request<B>, Response = W::Response, Error = W::Error>,
+{
+    type Response = W::Response;
+    type Error = W::Error;
+    type Future = Either<W::Future, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match (self.layered.poll_ready(cx)?, self.inner.poll_ready(cx)?) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if is_socket_io(&req) {
+            Either::Left(self.layered.call(req))
+        } else {
+            Either::Right(self.inner.call(req))
+        }
+    }
 }
 
 /// Copies a socket.io request's URI and header values out of hyper's read buffer.
@@ -84,7 +136,7 @@ fn socket_io_cors(sites: Sites) -> CorsLayer {
 /// connection kept that whole buffer alive after the websocket upgrade: about a third of its
 /// memory. With the head in allocations of its own, the buffer is freed after the upgrade.
 async fn own_request_head(mut req: Request<axum::body::Body>) -> Request<axum::body::Body> {
-    if !req.uri().path().starts_with("/socket.io/") {
+    if !is_socket_io(&req) {
         return req;
     }
     if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {

@@ -188,6 +188,8 @@ test("allowed_origins: browsers elsewhere are refused, listed origins and origin
     assert.equal((await handshake("https://evil.example")).headers.get("access-control-allow-origin"), null);
     const send = await fetch(`${server.url}/send?site=shop&apiKey=secret-key`, { method: "POST", headers: { Origin: "https://shop.example", "Content-Type": "application/json" }, body: '{"rooms":"user_7","event":"e"}' });
     assert.equal(send.headers.get("access-control-allow-origin"), null, "/send is for servers: no CORS");
+    assert.equal(send.headers.get("access-control-allow-credentials"), null, "no CORS header at all on /send");
+    assert.equal(send.headers.get("vary"), null, "no CORS header at all on /send");
   } finally {
     await server.cleanup();
   }
