@@ -377,11 +377,17 @@ impl Delivery {
         let now = now_ms();
         for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
             let dev = DeviceKey::new(&site.name, user, &client.device);
-            if self.sockets.remove(&dev, socket.id) == Removed::Last {
-                if let Err(e) = self.store.disconnect(&dev, now).await {
-                    tracing::error!(site = %site.name, device = %dev.device, error.message = %e, "disconnect not recorded");
+            match self.sockets.remove(&dev, socket.id) {
+                Removed::Last => {
+                    if let Err(e) = self.store.disconnect(&dev, now).await {
+                        tracing::error!(site = %site.name, device = %dev.device, error.message = %e, "disconnect not recorded");
+                    }
+                    tracing::info!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, "device disconnected");
                 }
-                tracing::info!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, "device disconnected");
+                Removed::OthersRemain => {
+                    tracing::info!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, "socket left; the device's newest remaining socket gets live messages");
+                }
+                Removed::Unknown => {}
             }
             if site.public_channel.as_deref() != Some(user.as_str()) {
                 self.callbacks.presence(site, user, &client.token, Presence::Disconnected);

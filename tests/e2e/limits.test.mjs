@@ -264,6 +264,7 @@ test("max_sockets_per_device: a socket beyond the cap evicts the oldest; the nex
     ackOf(await third.waitFor("live"))();
     // The newest leaves: the one before it gets live messages, and the device is still connected.
     third.close();
+    await server.logged(/socket left[^\n]*device=many/);
     await send(server, { body: { rooms: "user_7", event: "live", args: [2] } });
     ackOf(await second.waitFor("live", (a) => a[1] === 2))();
     second.close();
