@@ -53,12 +53,6 @@ enum Scenario {
     Smoke(Common),
 }
 
-impl Common {
-    fn limit(&self) -> Duration {
-        Duration::from_secs(self.timeout_secs)
-    }
-}
-
 #[derive(Args, Clone)]
 struct Common {
     /// The sio-push binary to start.
@@ -67,6 +61,13 @@ struct Common {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+}
+
+impl Common {
+    /// How long a scenario may run.
+    fn limit(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
 }
 
 #[derive(Args)]

@@ -371,8 +371,9 @@ fn crash_image(dir: &std::path::Path) -> tempfile::TempDir {
 }
 
 /// Crash after crash, with sends, shared rooms and acks in between, checkpointing after every
-/// round in odd generations and never in even ones: every acknowledged send is recovered, and ids are never used twice (a reused id
-/// would overwrite a queued message: sled's own id generator did that after a crash).
+/// round in odd generations and never in even ones: every acknowledged send is recovered, and
+/// ids are never used twice (a reused id would overwrite a queued message: sled's own id
+/// generator did that after a crash).
 #[tokio::test]
 async fn sled_recovers_every_change_over_repeated_crashes() {
     let mut dir = tempfile::tempdir().unwrap();
