@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::future::IntoFuture;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use axum::Router;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -158,7 +159,10 @@ impl Application {
                 let listener = TlsListener::new(listener, config, shutdown.clone())?;
                 Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
             }
-            None => Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future()),
+            None => {
+                let listener = listener.tap_io(|tcp| no_delay(tcp));
+                Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
+            }
         };
         let store = state.delivery.store().clone();
         let drain = async {
@@ -184,6 +188,16 @@ impl Application {
             tracing::info!("stopped");
         }
         result
+    }
+}
+
+/// Turns off Nagle's algorithm on an accepted connection. A push service writes small frames,
+/// often one right after another (the engine.io open packet, then the socket.io connect answer):
+/// with Nagle the second waits for the peer's delayed ACK, up to 40 ms. Node's HTTP server, which
+/// the old service ran on, sets it too.
+pub(crate) fn no_delay(tcp: &tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error.message = %e, "TCP_NODELAY not set");
     }
 }
 

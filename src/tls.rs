@@ -97,6 +97,7 @@ impl TlsListener {
                     },
                     _ = shutdown.cancelled() => return,
                 };
+                crate::app::no_delay(&stream);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
