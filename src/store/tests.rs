@@ -320,8 +320,7 @@ async fn sled_recovers_durable_changes_from_a_crash_image() {
         send(&store, &["user_1"], &format!("[{i}]"), 0).await;
     }
     let image = crash_image(dir.path());
-    let logged = std::fs::metadata(image.path().join(super::wal::FILE_NAME)).unwrap().len();
-    assert!(logged > 0, "the changes are still in the write-ahead log (no checkpoint yet)");
+    assert!(super::wal::records(image.path()) > 0, "the changes are still in the write-ahead log (no checkpoint yet)");
     store.close().await;
 
     let recovered = SledStore::open(image.path(), 1 << 20, 0).unwrap();
@@ -354,7 +353,17 @@ async fn sled_refuses_a_data_dir_of_another_schema() {
         db.open_tree("meta").unwrap().insert("schema", &99u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let err = SledStore::open(dir.path(), 1 << 20, 0).err().expect("must refuse");
+    // sled lets go of its file lock only once its I/O threads drop the database, a moment after
+    // the last handle: while another test keeps those threads busy, the first open finds it held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match SledStore::open(dir.path(), 1 << 20, 0) {
+            Err(StoreError::Io(e)) if e.contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => break other.err().expect("must refuse"),
+        }
+    };
     assert!(matches!(err, StoreError::Schema { found: 99, expected: 1 }), "{err}");
 }
 
