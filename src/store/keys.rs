@@ -138,6 +138,16 @@ pub(super) fn parse_device(key: &[u8]) -> Option<DeviceKey> {
     }
 }
 
+/// The `devices_of` prefix of a device key: its kind, site and user room.
+pub(super) fn owner_of_device(key: &[u8]) -> Option<&[u8]> {
+    let mut at = 1;
+    for _ in 0..2 {
+        let len = u16::from_be_bytes([*key.get(at)?, *key.get(at + 1)?]) as usize;
+        at += 2 + len;
+    }
+    key.get(..at)
+}
+
 /// Prints a key for error messages.
 pub(super) fn show(key: &[u8]) -> String {
     key.escape_ascii().to_string()
@@ -166,6 +176,15 @@ mod tests {
         let own = device(&DeviceKey::new("s", "user_1", "d")).unwrap();
         assert!(!other.starts_with(&prefix));
         assert!(own.starts_with(&prefix));
+    }
+
+    #[test]
+    fn a_device_key_names_its_owner_prefix() {
+        for (site, user, device) in [("s", "user_1", "d"), ("", "", ""), ("a\0b", "ü", "x")] {
+            let key = device_key(&DeviceKey::new(site, user, device));
+            assert_eq!(owner_of_device(&key), Some(devices_of(site, user).unwrap().as_slice()));
+        }
+        assert_eq!(owner_of_device(&[DEVICE, 0]), None);
     }
 
     #[test]

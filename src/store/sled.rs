@@ -35,6 +35,8 @@ const QUEUE_DEPTH: usize = 16_384;
 const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// Message ids reserved at a time (one durable write per block).
 const ID_BLOCK: u64 = 1 << 20;
+/// Most user rooms whose devices the writer keeps in memory; past it, it starts over.
+const MAX_CACHED_USERS: usize = 100_000;
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -91,6 +93,10 @@ struct Writer {
     /// needed, then kept as entries come and go, instead of rewriting the device's state for
     /// every message and ack. Cleared whenever a job or a round fails; the queues are the truth.
     counts: HashMap<Vec<u8>, Counts>,
+    /// Each user room's devices, by `devices_of` prefix, as a message to the user needs them:
+    /// read once instead of scanned and decoded for every message. Any change of a device key
+    /// drops its user's entry (in `apply`); cleared with `counts`.
+    devices: HashMap<Vec<u8>, Arc<[UserDevice]>>,
     wal: Wal,
     /// When sled last held every logged change durably.
     checkpointed: std::time::Instant,
@@ -110,6 +116,16 @@ struct Ids {
     reserved: u64,
     /// Reserved up to here durably.
     durable: u64,
+}
+
+/// One device of a user room, as stored.
+struct UserDevice {
+    /// Its key in the tree.
+    key: Vec<u8>,
+    dev: DeviceKey,
+    /// The prefix of its queue.
+    queue: Vec<u8>,
+    state: DeviceState,
 }
 
 /// A device queue's length and size.
@@ -265,6 +281,7 @@ impl SledStore {
         let mut writer = Writer {
             ids: Ids { next: reserved, reserved, durable: reserved },
             counts: HashMap::new(),
+            devices: HashMap::new(),
             db,
             tree,
             pending: Pending::default(),
@@ -312,7 +329,7 @@ impl SledStore {
         let run = Box::new(move |w: &mut Writer| -> Reply {
             let result = f(w);
             if result.is_err() {
-                w.counts.clear(); // the job may have counted changes it never applied
+                w.forget_caches(); // the job may have counted changes it never applied
             }
             Box::new(move |flushed: Result<(), String>| {
                 let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
@@ -394,7 +411,7 @@ impl Writer {
         let sync = sync || self.ids.reserved != self.ids.durable;
         if let Err(e) = self.wal.commit(sync) {
             self.ids.reserved = self.ids.durable;
-            self.counts.clear();
+            self.forget_caches();
             return Err(format!("cannot write the write-ahead log: {e}"));
         }
         self.ids.durable = self.ids.reserved;
@@ -427,8 +444,44 @@ impl Writer {
 
     /// Applies one job's atomic set of changes to the current round.
     fn apply(&mut self, changes: Changes) {
+        for (key, _) in &changes.0 {
+            if key.first() == Some(&keys::DEVICE) {
+                if let Some(owner) = keys::owner_of_device(key) {
+                    self.devices.remove(owner);
+                }
+            }
+        }
         self.wal.log(&changes);
         self.round.apply(changes);
+    }
+
+    /// Drops what the writer keeps in memory of the tree; the tree (with the changes over it)
+    /// is the truth.
+    fn forget_caches(&mut self) {
+        self.counts.clear();
+        self.devices.clear();
+    }
+
+    /// The devices of a user room, read from the tree once and then kept until one changes.
+    fn user_devices(&mut self, site: &str, user: &str) -> Result<Arc<[UserDevice]>, StoreError> {
+        let prefix = keys::devices_of(site, user)?;
+        if let Some(devices) = self.devices.get(&prefix) {
+            return Ok(devices.clone());
+        }
+        let mut devices = Vec::new();
+        for item in self.scan(&prefix) {
+            let (k, v) = item?;
+            let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+            let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
+            let state = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+            devices.push(UserDevice { key: k.to_vec(), queue: keys::queue(&dev)?, dev, state });
+        }
+        let devices: Arc<[UserDevice]> = devices.into();
+        if self.devices.len() >= MAX_CACHED_USERS {
+            self.devices.clear();
+        }
+        self.devices.insert(prefix, devices.clone());
+        Ok(devices)
     }
 
     /// The counts of the queue under `prefix`, counted from the queue if not known yet.
@@ -443,6 +496,14 @@ impl Writer {
         }
         self.counts.insert(prefix.to_vec(), counts);
         Ok(counts)
+    }
+
+    /// Keeps the counts of the queue under `prefix`.
+    fn set_counts(&mut self, prefix: &[u8], counts: Counts) {
+        match self.counts.get_mut(prefix) {
+            Some(known) => *known = counts,
+            None => drop(self.counts.insert(prefix.to_vec(), counts)),
+        }
     }
 
     /// A stored device state with its queue counts filled in.
@@ -488,7 +549,7 @@ impl Writer {
                 removed += 1;
             }
         }
-        self.counts.insert(prefix, counts);
+        self.set_counts(&prefix, counts);
         self.apply(batch);
         Ok(removed)
     }
@@ -635,26 +696,22 @@ impl Store for SledStore {
             let mut out = Enqueued { id, ..Enqueued::default() };
             for user in &users {
                 let (mut live, mut gone) = (0, 0);
-                let devices: Vec<_> = w.scan(&keys::devices_of(&site, user)?).collect::<Result<_, _>>()?;
-                for (k, v) in devices {
-                    let dev = keys::parse_device(&k).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
-                    let mut state: DeviceState =
-                        serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
-                    if expiry.is_expired(&state) {
-                        w.forget_device(&dev, &mut batch)?;
-                        out.expired.push(dev);
+                for device in w.user_devices(&site, user)?.iter() {
+                    if expiry.is_expired(&device.state) {
+                        w.forget_device(&device.dev, &mut batch)?;
+                        out.expired.push(device.dev.clone());
                         gone += 1;
                         continue;
                     }
                     live += 1;
-                    let prefix = keys::queue(&dev)?;
-                    batch.insert_new(keys::queued(&prefix, id), keys::queued_value(expiry.now, &entry));
-                    let mut counts = w.counts(&prefix)?;
+                    let prefix = &device.queue;
+                    batch.insert_new(keys::queued(prefix, id), keys::queued_value(expiry.now, &entry));
+                    let mut counts = w.counts(prefix)?;
                     counts.len += 1;
                     counts.bytes += entry.len() as u64;
                     let mut dropped = 0;
                     if counts.len > limits.max_len || counts.bytes > limits.max_bytes {
-                        for old in w.scan(&prefix) {
+                        for old in w.scan(prefix) {
                             if counts.len <= 1 || (counts.len <= limits.max_len && counts.bytes <= limits.max_bytes) {
                                 break;
                             }
@@ -665,13 +722,13 @@ impl Store for SledStore {
                             dropped += 1;
                         }
                     }
-                    w.counts.insert(prefix, counts);
+                    w.set_counts(prefix, counts);
                     if dropped > 0 {
-                        state.overflowed = true;
-                        batch.insert(k, encode(&state));
-                        out.overflowed.push((dev.clone(), dropped));
+                        let state = DeviceState { overflowed: true, ..device.state.clone() };
+                        batch.insert(&device.key, encode(&state));
+                        out.overflowed.push((device.dev.clone(), dropped));
                     }
-                    out.devices.push(dev);
+                    out.devices.push(device.dev.clone());
                 }
                 if live == 0 && gone > 0 {
                     w.forget_user(&site, user, &mut batch)?;

@@ -103,6 +103,37 @@ async fn devices_expire_from_their_latest_disconnect(store: impl Store) {
     assert_eq!(store.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
 }
 
+/// Every change of a user's devices counts for the very next message: a store that keeps the
+/// devices of a user in memory must drop them whenever one changes.
+async fn each_message_sees_the_devices_as_they_are_now(store: impl Store) {
+    let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    assert_eq!(send(&store, &["user_1"], "[1]", 0).await.devices, vec![a.clone()]);
+    store.connect(&b, &rooms(&["user_1"])).await.unwrap();
+    assert_eq!(send(&store, &["user_1"], "[2]", 0).await.devices, vec![a.clone(), b.clone()]);
+    store.disconnect(&a, 0).await.unwrap();
+    let out = send(&store, &["user_1"], "[3]", HOUR + 1).await;
+    assert_eq!((out.expired, out.devices), (vec![a.clone()], vec![b.clone()]));
+    assert_eq!(send(&store, &["user_1"], "[4]", HOUR + 2).await.devices, vec![b.clone()]);
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    assert_eq!(send(&store, &["user_1"], "[5]", HOUR + 3).await.devices, vec![a.clone(), b.clone()]);
+    assert_eq!(entries(&store, &a).await, ["[5]"]);
+    store.disconnect(&b, HOUR + 3).await.unwrap();
+    assert_eq!(store.sweep(at(3 * HOUR)).await.unwrap(), vec![b.clone()]);
+    assert_eq!(send(&store, &["user_1"], "[6]", 3 * HOUR).await.devices, vec![a.clone()]);
+    assert_eq!(store.disconnect_all(3 * HOUR).await.unwrap(), 1);
+    let out = send(&store, &["user_1"], "[7]", 5 * HOUR).await;
+    assert_eq!((out.expired, out.devices), (vec![a.clone()], vec![]));
+    // A queue over its cap flags the device; the flag is what the next connect reads.
+    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    let one = QueueLimits { max_len: 1, max_bytes: 1 << 20 };
+    for text in ["[8]", "[9]"] {
+        store.enqueue("site", &users(&["user_1"]), entry(text), at(5 * HOUR), one, None).await.unwrap();
+    }
+    assert!(store.device(&a).await.unwrap().unwrap().overflowed);
+    assert!(store.connect(&a, &rooms(&["user_1"])).await.unwrap().overflowed);
+}
+
 async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_2", "b"));
     store.connect(&a, &rooms(&["user_1"])).await.unwrap();
@@ -296,6 +327,7 @@ conformance!(
     ack_removes_exactly_the_acked_messages,
     checked_ack_resyncs_when_an_older_message_of_the_event_waits,
     devices_expire_from_their_latest_disconnect,
+    each_message_sees_the_devices_as_they_are_now,
     connected_devices_never_expire_and_ttl_zero_keeps_all,
     sweeping_the_last_device_forgets_the_user,
     shared_rooms_match_case_insensitively_and_follow_the_latest_list,
