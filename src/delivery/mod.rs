@@ -12,9 +12,12 @@ mod ack;
 mod sockets;
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use serde::ser::SerializeTuple;
 use serde_json::Value;
 use socketioxide::extract::SocketRef;
@@ -23,7 +26,9 @@ use socketioxide::SocketIo;
 use crate::callbacks::{Callbacks, Presence};
 use crate::config::SiteConfig;
 use crate::metrics;
-use crate::store::{CheckedAck, DeviceKey, Expiry, Idempotency, Millis, QueueLimits, Replay, Store, StoreError};
+use crate::store::{
+    CheckedAck, DeviceKey, Expiry, Idempotency, MessageId, Millis, QueueLimits, Replay, Store, StoreError,
+};
 
 pub use self::ack::acked;
 use self::sockets::{DeviceSockets, Removed};
@@ -206,46 +211,24 @@ impl Delivery {
             tracing::warn!(site = %dev.site, room = %dev.user, device = %dev.device, dropped, "queue full: oldest messages dropped, device will get _resync");
             metrics::dropped(&dev.site, *dropped);
         }
-        metrics::stored(&site.name, out.devices.len() as u64);
-        let mut live = 0;
-        for dev in out.devices.iter() {
-            let Some(socket) = self.live_socket(dev) else { continue };
+        let stored = out.devices.len();
+        metrics::stored(&site.name, stored as u64);
+        let acks = FuturesUnordered::new();
+        for dev in out.devices {
+            let Some(socket) = self.live_socket(&dev) else { continue };
             match socket.emit_with_ack::<_, Value>(&msg.event, &Spread(&msg.args)) {
-                Ok(ack) => {
-                    live += 1;
-                    let (store, dev, event, resync) = (self.store.clone(), dev.clone(), msg.event.clone(), msg.resync);
-                    let id = out.id;
-                    tokio::spawn(async move {
-                        if !acked(ack).await {
-                            return;
-                        }
-                        let result = if resync {
-                            store.ack_checked(&dev, id, &event).await.map(|outcome| {
-                                metrics::acked(&dev.site, 1);
-                                if let CheckedAck::Resync { cleared } = outcome {
-                                    tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, %event, cleared, "ack out of order: queue of the event cleared, _resync sent");
-                                    send_resync(&socket, &dev.site);
-                                }
-                            })
-                        } else {
-                            store.ack(&dev, &[id]).await.map(|()| metrics::acked(&dev.site, 1))
-                        };
-                        match result {
-                            Ok(()) => {
-                                tracing::debug!(site = %dev.site, room = %dev.user, device = %dev.device, id, "acked")
-                            }
-                            Err(e) => {
-                                tracing::error!(site = %dev.site, device = %dev.device, error.message = %e, "ack not recorded")
-                            }
-                        }
-                    });
-                }
-                Err(e) => emit_failed(&socket, dev, &e),
+                Ok(ack) => acks.push(async move { acked(ack).await.then_some((dev, socket)) }),
+                Err(e) => emit_failed(&socket, &dev, &e),
             }
         }
+        let live = acks.len();
+        if live > 0 {
+            let ack = LiveAck { store: self.store.clone(), id: out.id, event: msg.event.clone(), resync: msg.resync };
+            tokio::spawn(ack.record_as_they_come(acks));
+        }
         metrics::delivered_live(&site.name, live as u64);
-        tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored = out.devices.len(), live, "message stored");
-        Ok(Sent { stored: out.devices.len(), live, replayed: false })
+        tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored, live, "message stored");
+        Ok(Sent { stored, live, replayed: false })
     }
 
     /// The user rooms a message goes to: its user rooms, and the users of its shared rooms.
@@ -400,6 +383,85 @@ impl Delivery {
         let expired = self.store.sweep(self.expiry()).await?;
         expired.iter().for_each(forgotten);
         Ok(expired.len())
+    }
+}
+
+/// Most acks of one message recorded by one store job.
+const ACK_GROUP: usize = 1024;
+
+/// What recording the live acks of one message needs.
+struct LiveAck {
+    store: Arc<dyn Store>,
+    id: MessageId,
+    event: String,
+    resync: bool,
+}
+
+impl LiveAck {
+    /// Records the acks as they arrive: those that arrived together in one store job, instead
+    /// of a task and a job for each device of a fan-out.
+    async fn record_as_they_come<F>(self, mut acks: FuturesUnordered<F>)
+    where
+        F: Future<Output = Option<(DeviceKey, SocketRef)>>,
+    {
+        let this = Arc::new(self);
+        while let Some(first) = acks.next().await {
+            // With the acks that have arrived meanwhile. (`now_or_never` polls with a no-op
+            // waker; the `.await` above registers the task's again before it waits.)
+            let mut group: Vec<(DeviceKey, SocketRef)> = first.into_iter().collect();
+            while group.len() < ACK_GROUP {
+                match acks.next().now_or_never() {
+                    Some(Some(more)) => group.extend(more),
+                    _ => break,
+                }
+            }
+            if acks.is_empty() {
+                this.record(group).await; // the last group, or a unicast's only one
+            } else {
+                // Written while the next group is collected: awaiting it here would hold the
+                // next group back by a whole store round.
+                let this = this.clone();
+                tokio::spawn(async move { this.record(group).await });
+            }
+        }
+    }
+
+    /// Records the acks of some devices. An ack of a `resync` message is checked for order: out
+    /// of order, the event's queue is cleared and the device gets `_resync`.
+    async fn record(&self, acked: Vec<(DeviceKey, SocketRef)>) {
+        let Some((first, _)) = acked.first() else { return };
+        let (store, id) = (&*self.store, self.id);
+        if self.resync {
+            let checks = acked.iter().map(|(dev, socket)| ack_in_order(store, dev, socket, id, &self.event));
+            futures_util::future::join_all(checks).await;
+            return;
+        }
+        let site = first.site.clone();
+        let devices: Vec<DeviceKey> = acked.into_iter().map(|(dev, _)| dev).collect();
+        match store.ack_each(&devices, id).await {
+            Ok(()) => {
+                metrics::acked(&site, devices.len() as u64);
+                tracing::debug!(site = %site, id, devices = devices.len(), "acked");
+            }
+            Err(e) => {
+                tracing::error!(site = %site, id, devices = devices.len(), error.message = %e, "acks not recorded")
+            }
+        }
+    }
+}
+
+/// Records the ack of a `resync` message, checked for order.
+async fn ack_in_order(store: &dyn Store, dev: &DeviceKey, socket: &SocketRef, id: MessageId, event: &str) {
+    match store.ack_checked(dev, id, event).await {
+        Ok(outcome) => {
+            metrics::acked(&dev.site, 1);
+            if let CheckedAck::Resync { cleared } = outcome {
+                tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, %event, cleared, "ack out of order: queue of the event cleared, _resync sent");
+                send_resync(socket, &dev.site);
+            }
+            tracing::debug!(site = %dev.site, room = %dev.user, device = %dev.device, id, "acked");
+        }
+        Err(e) => tracing::error!(site = %dev.site, device = %dev.device, error.message = %e, "ack not recorded"),
     }
 }
 

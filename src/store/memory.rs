@@ -187,6 +187,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        for device in devices {
+            state.remove(device, [id]);
+        }
+        Ok(())
+    }
+
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let mut state = self.lock();
         let Some(queue) = state.queues.get(device) else {

@@ -286,6 +286,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes exactly `ids` from the device's queue; ids not queued are ignored.
     async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError>;
 
+    /// Removes message `id` from the queue of each of `devices`: the live acks of one message,
+    /// recorded together.
+    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError>;
+
     /// Removes `id` if it is the oldest queued message of `event`, otherwise clears every queued
     /// message of `event` (see [`CheckedAck`]).
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError>;

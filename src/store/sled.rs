@@ -750,6 +750,14 @@ impl Store for SledStore {
         self.job(Durability::Written, move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
+    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError> {
+        let devices = devices.to_vec();
+        self.job(Durability::Written, move |w| {
+            devices.iter().try_for_each(|dev| w.remove_entries(dev, &[id]).map(drop))
+        })
+        .await
+    }
+
     async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
         let (device, event) = (device.clone(), event.to_owned());
         self.job(Durability::Written, move |w| {

@@ -70,6 +70,20 @@ async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
     assert_eq!((state.queue_len, state.queue_bytes), (1, 7));
 }
 
+async fn ack_each_removes_one_message_from_each_device(store: impl Store) {
+    let (a, b, c) = (dev("user_1", "a"), dev("user_2", "b"), dev("user_3", "c"));
+    for d in [&a, &b, &c] {
+        store.connect(d, &rooms(&[&d.user])).await.unwrap();
+    }
+    let first = send(&store, &["user_1", "user_2", "user_3"], "[1]", 0).await.id;
+    send(&store, &["user_1", "user_2", "user_3"], "[2]", 0).await;
+    store.ack_each(&[a.clone(), b.clone(), dev("user_9", "unknown")], first).await.unwrap();
+    assert_eq!(entries(&store, &a).await, ["[2]"]);
+    assert_eq!(entries(&store, &b).await, ["[2]"]);
+    assert_eq!(entries(&store, &c).await, ["[1]", "[2]"]);
+    assert_eq!(store.device(&b).await.unwrap().unwrap().queue_len, 1);
+}
+
 async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: impl Store) {
     let d = dev("user_1", "a");
     store.connect(&d, &rooms(&["user_1"])).await.unwrap();
@@ -325,6 +339,7 @@ conformance!(
     users_never_connected_get_nothing_stored,
     queues_keep_send_order_across_events_and_devices,
     ack_removes_exactly_the_acked_messages,
+    ack_each_removes_one_message_from_each_device,
     checked_ack_resyncs_when_an_older_message_of_the_event_waits,
     devices_expire_from_their_latest_disconnect,
     each_message_sees_the_devices_as_they_are_now,
