@@ -108,17 +108,32 @@ impl Pending {
         self.0.len()
     }
 
+    /// No key is changed here.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Gives sled up to `n` changes, in key order, and forgets them; see [`Pending::drain_into`].
+    /// A change sled refused stays here.
+    pub fn drain_some_into(&mut self, tree: &Tree, n: usize) -> Result<(), StoreError> {
+        for _ in 0..n {
+            let Some((key, change)) = self.0.pop_first() else { break };
+            let given = match &change {
+                Change::Put { value, .. } => tree.insert(key.as_slice(), value.as_slice()).map(drop),
+                Change::Remove => tree.remove(key.as_slice()).map(drop),
+            };
+            if let Err(e) = given {
+                self.0.insert(key, change);
+                return Err(io(e));
+            }
+        }
+        Ok(())
+    }
+
     /// Gives every change to sled, key by key, and forgets them. Call only once the write-ahead
     /// log holds them durably; they are durable in sled after its next flush.
     pub fn drain_into(&mut self, tree: &Tree) -> Result<(), StoreError> {
-        for (key, change) in std::mem::take(&mut self.0) {
-            match change {
-                Change::Put { value, .. } => tree.insert(key, value).map(drop),
-                Change::Remove => tree.remove(key).map(drop),
-            }
-            .map_err(io)?;
-        }
-        Ok(())
+        self.drain_some_into(tree, usize::MAX)
     }
 
     /// The value of `key` as changed here: `None` when it is not changed here.

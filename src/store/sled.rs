@@ -6,8 +6,10 @@
 //! one record of the write-ahead log (`wal.rs`) with one `fdatasync`, and only then answers. That
 //! is group commit: concurrent `/send` requests share one sync. sled gets the changes, and is
 //! flushed and synced, only at checkpoints (every second while there are changes, or every
-//! 8 MiB of log), after which the log starts over. One writer also keeps sled 0.34 away from
-//! its deadlock under concurrent `flush_async` calls (sled#1308).
+//! 8 MiB of log). A checkpoint seals the log's active file and freezes the changes it logged,
+//! then gives them to sled `CHECKPOINT_STEP` at a time between rounds and while no job waits,
+//! and releases the sealed file once sled holds them durably. One writer also keeps sled 0.34
+//! away from its deadlock under concurrent `flush_async` calls (sled#1308).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -35,6 +37,8 @@ const QUEUE_DEPTH: usize = 16_384;
 const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// Message ids reserved at a time (one durable write per block).
 const ID_BLOCK: u64 = 1 << 20;
+/// Changes a checkpoint gives sled between two rounds (about a millisecond's work).
+const CHECKPOINT_STEP: usize = 256;
 /// Most user rooms whose devices the writer keeps in memory; past it, it starts over.
 const MAX_CACHED_USERS: usize = 100_000;
 /// Time after which logged changes are checkpointed into sled.
@@ -83,8 +87,10 @@ enum Durability {
 struct Writer {
     db: sled::Db,
     tree: Tree,
-    /// Changes of committed rounds since the last checkpoint, not yet given to sled.
+    /// Changes of committed rounds since the last checkpoint began, not yet given to sled.
     pending: Pending,
+    /// Changes of the rounds before that, which the checkpoint under way is giving to sled.
+    frozen: Pending,
     /// Changes of the current round, until it is committed.
     round: Pending,
     /// Message ids: the next one, and how far they are reserved in the round and durably.
@@ -285,6 +291,7 @@ impl SledStore {
             db,
             tree,
             pending: Pending::default(),
+            frozen: Pending::default(),
             round: Pending::default(),
             wal,
             checkpointed: std::time::Instant::now(),
@@ -342,14 +349,16 @@ impl SledStore {
 
 impl View for Writer {
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        match self.round.lookup(key).or_else(|| self.pending.lookup(key)) {
+        let changed = self.round.lookup(key).or_else(|| self.pending.lookup(key)).or_else(|| self.frozen.lookup(key));
+        match changed {
             Some(value) => Ok(value),
             None => View::get(&self.tree, key),
         }
     }
 
     fn scan(&self, prefix: &[u8]) -> Scan<'_> {
-        self.round.scan_over(self.pending.scan_over(View::scan(&self.tree, prefix), prefix), prefix)
+        let given = self.frozen.scan_over(View::scan(&self.tree, prefix), prefix);
+        self.round.scan_over(self.pending.scan_over(given, prefix), prefix)
     }
 }
 
@@ -357,8 +366,23 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut round = Vec::with_capacity(64);
         let mut stopping = false;
+        // A checkpoint under way gives sled its changes a step at a time while no job waits
+        // (and a step after every round, so that it ends under load too); not after a failure.
+        let mut step_while_idle = true;
         while !stopping {
-            let Some(first) = rx.blocking_recv() else { break };
+            let first = if step_while_idle && !self.frozen.is_empty() {
+                match rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        step_while_idle = self.checkpoint_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                rx.blocking_recv()
+            };
+            let Some(first) = first else { break };
             self.space.refresh();
             round.push(first);
             while round.len() < MAX_ROUND {
@@ -389,12 +413,12 @@ impl Writer {
             for reply in waiting {
                 reply(committed.clone());
             }
-            if self.wal.len() >= CHECKPOINT_BYTES
+            if self.wal.is_sealed() {
+                step_while_idle = self.checkpoint_step();
+            } else if self.wal.len() >= CHECKPOINT_BYTES
                 || (self.wal.len() > 0 && self.checkpointed.elapsed() >= self.checkpoint_every)
             {
-                if let Err(e) = self.checkpoint() {
-                    tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
-                }
+                step_while_idle = self.checkpoint_start();
             }
         }
         if let Err(e) = self.commit(true).and_then(|()| self.checkpoint()) {
@@ -432,14 +456,52 @@ impl Writer {
         self.ids.next - 1
     }
 
-    /// Makes sled hold every change durably, then starts the log over.
+    /// Makes sled hold every change durably at once, then starts both log files over (at open
+    /// after a replay, and at close).
     fn checkpoint(&mut self) -> Result<(), String> {
+        self.frozen.drain_into(&self.tree).map_err(|e| e.to_string())?;
         self.pending.drain_into(&self.tree).map_err(|e| e.to_string())?;
-        self.db.flush().map_err(|e| e.to_string())?;
-        self.sync.sync().map_err(|e| e.to_string())?;
+        self.make_sled_durable()?;
         self.wal.reset().map_err(|e| format!("cannot reset the write-ahead log: {e}"))?;
         self.checkpointed = std::time::Instant::now();
         Ok(())
+    }
+
+    /// Begins a checkpoint: the log's active file is sealed and the changes it logged are
+    /// frozen, for [`Writer::checkpoint_step`] to give to sled. `false` if it failed (logged).
+    fn checkpoint_start(&mut self) -> bool {
+        self.checkpointed = std::time::Instant::now();
+        if let Err(e) = self.wal.seal() {
+            tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
+            return false;
+        }
+        self.frozen = std::mem::take(&mut self.pending);
+        true
+    }
+
+    /// Gives sled the next `CHECKPOINT_STEP` frozen changes; after the last, makes sled durable
+    /// and releases the sealed log file. `false` if it failed (logged): retried after the next
+    /// round.
+    fn checkpoint_step(&mut self) -> bool {
+        let step = self.frozen.drain_some_into(&self.tree, CHECKPOINT_STEP).map_err(|e| e.to_string());
+        let done = step.and_then(|()| {
+            if !self.frozen.is_empty() {
+                return Ok(());
+            }
+            self.make_sled_durable()?;
+            self.wal.release().map_err(|e| format!("cannot release the sealed write-ahead log file: {e}"))
+        });
+        if let Err(e) = done {
+            tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
+            return false;
+        }
+        true
+    }
+
+    /// Flushes and syncs what sled was given.
+    fn make_sled_durable(&mut self) -> Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.sync.sync().map_err(|e| e.to_string())
     }
 
     /// Applies one job's atomic set of changes to the current round.

@@ -332,6 +332,15 @@ macro_rules! conformance {
                 super::$case(super::SledStore::open(dir.path(), 1 << 20, 0).unwrap()).await;
             })*
         }
+        /// A checkpoint begun after every round: reads go through the changes it is giving sled.
+        mod sled_checkpointing {
+            $(#[tokio::test]
+            async fn $case() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::SledStore::open_with(dir.path(), 1 << 20, 0, std::time::Duration::ZERO).unwrap();
+                super::$case(store).await;
+            })*
+        }
     };
 }
 

@@ -6,29 +6,35 @@
 //! jobs of a round are logged here instead, as physical operations (put this key, remove that
 //! key), and the round is durable once its record is written and `fdatasync`ed: one write and one
 //! sync on one thread. sled gets the changes (`round.rs`) and is flushed and synced only at a
-//! checkpoint, after which the log starts over.
+//! checkpoint.
 //!
-//! Recovery replays the log onto whatever state sled recovered. That is correct from any sled
-//! state between the last checkpoint and the crash: replaying, in order, every put and remove
-//! since the checkpoint leaves each key with the value of its last operation, or untouched if it
-//! has none. sled's recovery yields a prefix of the operations it was given, and it is given
-//! changes only at a checkpoint, long after their records were synced.
+//! There are two log files. Rounds go to the active one. A checkpoint seals it (synced) and
+//! makes the other, empty one active, then gives the sealed file's changes to sled a little at a
+//! time between rounds, so that no round waits for the whole checkpoint (giving a second of
+//! changes to sled took 20 to 130 ms). Once sled holds them durably the sealed file is
+//! released: started over, empty, for the next checkpoint.
 //!
-//! The file is written in place, never appended to. Appending made every `fdatasync` write the
+//! Recovery replays both files, the older generation first, onto whatever state sled recovered.
+//! That is correct from any sled state since the last completed checkpoint: replaying, in order,
+//! every put and remove since then leaves each key with the value of its last operation, or
+//! untouched if it has none. sled's recovery yields a prefix of the operations it was given, and
+//! it is given changes only after their records were synced (a sealed file is synced whole).
+//!
+//! A file is written in place, never appended to. Appending made every `fdatasync` write the
 //! inode too (the file's new size): on this kind of VM a second synchronous I/O, about a quarter
-//! of each sync's CPU and time. So the file is zero-filled ahead of the records in steps of
+//! of each sync's CPU and time. So a file is zero-filled ahead of the records in steps of
 //! `GROW_BY` and keeps its size when it starts over; a sync then writes only the record's blocks.
-//! Starting over bumps a generation number in the header instead of truncating, and a record
-//! counts only if it carries the current generation, so records of an earlier generation that
-//! still sit in the file are never replayed, even where a new record happens to end exactly where
-//! an old one did.
+//! Starting over gives the file a new generation, higher than any before, in its header instead
+//! of truncating it, and a record counts only if it carries its file's generation, so records of
+//! an earlier generation that still sit in the file are never replayed, even where a new record
+//! happens to end exactly where an old one did.
 //!
-//! Layout: a 16-byte header (`MAGIC`, then the generation: u64 LE), then records of
+//! Layout of a file: a 16-byte header (`MAGIC`, then the generation: u64 LE), then records of
 //! `[len: u32 LE][crc32 of generation LE and payload: u32 LE][payload]`, one per round; a payload
 //! is ops of `[1][klen: u32][key][vlen: u32][value]` (put) or `[0][klen: u32][key]` (remove).
-//! Replay stops at the first short, zero-length, damaged or older record: a round whose write was
-//! cut off, and nobody was told it was stored. A log of the first layout (records from offset 0,
-//! the crc over the payload only, no header) is still replayed, then started over in this one.
+//! Replay of a file stops at its first short, zero-length, damaged or older record: a round whose
+//! write was cut off, and nobody was told it was stored. A log of the first layout (one file,
+//! records from offset 0, the crc over the payload only, no header) is still replayed first.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -37,16 +43,16 @@ use std::path::Path;
 
 use super::round::{Changes, Op};
 
-/// The log's file name, inside the data directory (beside sled's files).
-pub const FILE_NAME: &str = "sio-push.wal";
+/// The log files' names, inside the data directory (beside sled's files).
+pub const FILE_NAMES: [&str; 2] = ["sio-push.wal", "sio-push.wal.2"];
 
-/// The first bytes of a log of this layout.
+/// The first bytes of a log file of this layout.
 const MAGIC: &[u8; 8] = b"siowal\x00\x02";
 /// The header: `MAGIC` and the generation.
 const FILE_HEADER: u64 = 16;
 /// A record's header: its length and crc.
 const HEADER: usize = 8;
-/// The file is zero-filled ahead of the records in steps of this size.
+/// A file is zero-filled ahead of the records in steps of this size.
 const GROW_BY: u64 = 1 << 20;
 /// Starting over, a file that grew beyond this (a huge round) gives the rest of its space back.
 const KEEP: u64 = 16 << 20;
@@ -59,50 +65,53 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// The open log. Owned by the writer thread.
 pub struct Wal {
-    file: File,
-    /// Records carry this; those of other generations are stale.
+    files: [LogFile; 2],
+    /// The file rounds are written to.
+    active: usize,
+    /// The other file holds records that sled may not hold durably yet.
+    sealed: bool,
+    /// The current round's record: an 8-byte header to fill in, then its operations.
+    round: Vec<u8>,
+    /// The records found at open must reach sled (a checkpoint, then `reset`) before anything
+    /// new is written: a new record could otherwise come to be followed by a stale one that a
+    /// crash left behind the first torn record.
+    replay_pending: bool,
+    /// The highest generation given out.
     generation: u64,
-    /// Where the next record is written: the end of the current generation's records.
+}
+
+/// One of the two files.
+struct LogFile {
+    file: File,
+    /// Its records carry this; `None` for a file without a header (new, or the first layout).
+    generation: Option<u64>,
+    /// Where the next record is written: the end of its generation's records.
     end: u64,
     /// The file's size: from `end` up to here it holds zeros or stale records.
     allocated: u64,
-    /// The current round's record: an 8-byte header to fill in, then its operations.
-    round: Vec<u8>,
     /// Records were written since the last sync.
     unsynced: bool,
-    /// The records found at open must reach sled (a checkpoint, then `reset`) before anything
-    /// new is written: a new record of the same generation could otherwise be followed by a
-    /// stale one that a crash left behind the first torn record.
-    replay_pending: bool,
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir` and returns it with one batch per complete record, to
-    /// be applied in order, and made durable, before [`Wal::reset`] lets anything new be written.
+    /// Opens (or creates) the log in `dir` and returns it with one batch per complete record,
+    /// older file first, to be applied in order, and made durable, before [`Wal::reset`] lets
+    /// anything new be written.
     pub fn open(dir: &Path) -> io::Result<(Self, Vec<sled::Batch>)> {
-        let path = dir.join(FILE_NAME);
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (generation, batches, end) = parse(&bytes);
-        let generation = generation.unwrap_or_else(|| {
-            // Empty, or the first layout: `reset` starts this one. Its generation must differ
-            // from any that a damaged header may have held: take the clock.
-            if !batches.is_empty() {
-                tracing::info!(path = %path.display(), "write-ahead log of the first layout: replayed, then started over in the current one");
-            }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            now.as_nanos() as u64
-        });
-        let allocated = file.metadata()?.len();
+        let (first, first_batches) = LogFile::open(&dir.join(FILE_NAMES[0]))?;
+        let (second, second_batches) = LogFile::open(&dir.join(FILE_NAMES[1]))?;
+        let newer = usize::from(second.generation > first.generation);
+        let generation = first.generation.max(second.generation).unwrap_or(0);
+        let (mut batches, newer_batches) =
+            if newer == 1 { (first_batches, second_batches) } else { (second_batches, first_batches) };
+        batches.extend(newer_batches);
         let mut wal = Self {
-            file,
-            generation,
-            end: end as u64,
-            allocated,
+            files: [first, second],
+            active: newer,
+            sealed: true,
             round: vec![0; HEADER],
-            unsynced: false,
             replay_pending: !batches.is_empty(),
+            generation,
         };
         if batches.is_empty() {
             wal.reset()?;
@@ -127,12 +136,12 @@ impl Wal {
         }
     }
 
-    /// Writes the current round as one record, and with `sync` syncs the log: this record and
-    /// every one written before it. On failure the record is dropped and its header zeroed, so
-    /// a later record never follows a torn one.
+    /// Writes the current round as one record of the active file, and with `sync` syncs the
+    /// file: this record and every one written before it. On failure the record is dropped.
     pub fn commit(&mut self, sync: bool) -> io::Result<()> {
         let write = self.round.len() > HEADER;
-        let sync = sync && (write || self.unsynced);
+        let active = &mut self.files[self.active];
+        let sync = sync && (write || active.unsynced);
         if !write && !sync {
             return Ok(());
         }
@@ -140,8 +149,89 @@ impl Wal {
             self.round.truncate(HEADER);
             return Err(io::Error::other("the records replayed at open are not checkpointed yet"));
         }
+        let result = active.commit(&mut self.round, write, sync);
+        self.round.truncate(HEADER);
+        result
+    }
+
+    /// Bytes of records in the active file.
+    pub fn len(&self) -> u64 {
+        self.files[self.active].end.saturating_sub(FILE_HEADER)
+    }
+
+    /// A checkpoint's first step: syncs the active file and makes the other, empty one active.
+    /// The sealed file keeps its records until [`Wal::release`].
+    pub fn seal(&mut self) -> io::Result<()> {
+        if self.sealed {
+            return Err(io::Error::other("a sealed log file is not released yet"));
+        }
+        let active = &mut self.files[self.active];
+        if active.unsynced {
+            active.file.sync_data()?;
+            active.unsynced = false;
+        }
+        self.active = 1 - self.active;
+        self.sealed = true;
+        Ok(())
+    }
+
+    /// A sealed file is waiting for sled to hold its changes.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Starts the sealed file over, in a generation above the active one's (it becomes the
+    /// active one at the next seal). Call only once sled holds every change it logged durably.
+    pub fn release(&mut self) -> io::Result<()> {
+        if self.sealed {
+            let generation = self.next_generation();
+            self.files[1 - self.active].reset(generation)?;
+            self.sealed = false;
+        }
+        Ok(())
+    }
+
+    /// Starts both files over. Call only once sled holds every logged change durably.
+    pub fn reset(&mut self) -> io::Result<()> {
+        // The other file last, with the higher generation: it is the active one after the next
+        // seal, and the active file's records must replay after the sealed one's.
+        for i in [self.active, 1 - self.active] {
+            let generation = self.next_generation();
+            self.files[i].reset(generation)?;
+        }
+        self.sealed = false;
+        self.replay_pending = false;
+        Ok(())
+    }
+
+    /// A generation above every one given out or found, and above the clock, so that a file
+    /// whose header was lost can never come back to the generation of its stale records.
+    fn next_generation(&mut self) -> u64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.generation = self.generation.max(now.as_nanos() as u64) + 1;
+        self.generation
+    }
+}
+
+impl LogFile {
+    /// Opens (or creates) one file; returns it with the batches of its complete records.
+    fn open(path: &Path) -> io::Result<(Self, Vec<sled::Batch>)> {
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let (generation, batches, end) = parse(&bytes);
+        if generation.is_none() && !batches.is_empty() {
+            tracing::info!(path = %path.display(), "write-ahead log of the first layout: replayed, then started over in the current one");
+        }
+        let allocated = file.metadata()?.len();
+        Ok((Self { file, generation, end: end as u64, allocated, unsynced: false }, batches))
+    }
+
+    /// Writes `round` (with `write`) as a record at `end`, and with `sync` syncs the file. On
+    /// failure the record's header is zeroed, so a later record never follows a torn one.
+    fn commit(&mut self, round: &mut [u8], write: bool, sync: bool) -> io::Result<()> {
         let before = self.end;
-        let mut result = if write { self.write_round() } else { Ok(()) };
+        let mut result = if write { self.write_record(round) } else { Ok(()) };
         if result.is_ok() && write {
             self.unsynced = true;
         }
@@ -149,7 +239,6 @@ impl Wal {
             result = self.file.sync_data();
             self.unsynced &= result.is_err();
         }
-        self.round.truncate(HEADER);
         if result.is_err() && write {
             let _ = self.file.write_all_at(&[0; HEADER], before);
             self.end = before;
@@ -157,16 +246,17 @@ impl Wal {
         result
     }
 
-    /// Writes the round's record at `end` and moves `end` past it; on failure `end` stays.
-    fn write_round(&mut self) -> io::Result<()> {
-        let payload_len = u32::try_from(self.round.len() - HEADER)
+    /// Writes the record at `end` and moves `end` past it; on failure `end` stays.
+    fn write_record(&mut self, record: &mut [u8]) -> io::Result<()> {
+        let generation = self.generation.ok_or_else(|| io::Error::other("a log file without a header"))?;
+        let payload_len = u32::try_from(record.len() - HEADER)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a round of over 4 GiB"))?;
-        let crc = record_crc(self.generation, &self.round[HEADER..]);
-        self.round[..4].copy_from_slice(&payload_len.to_le_bytes());
-        self.round[4..HEADER].copy_from_slice(&crc.to_le_bytes());
-        let end = self.end + self.round.len() as u64;
+        let crc = record_crc(generation, &record[HEADER..]);
+        record[..4].copy_from_slice(&payload_len.to_le_bytes());
+        record[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+        let end = self.end + record.len() as u64;
         self.grow_to(end)?;
-        self.file.write_all_at(&self.round, self.end)?;
+        self.file.write_all_at(record, self.end)?;
         self.end = end;
         Ok(())
     }
@@ -187,19 +277,12 @@ impl Wal {
         Ok(())
     }
 
-    /// Bytes of records since the last checkpoint.
-    pub fn len(&self) -> u64 {
-        self.end.saturating_sub(FILE_HEADER)
-    }
-
-    /// Starts the log over: a new generation, which makes every record written so far stale.
-    /// Call only once sled holds every logged change durably.
-    pub fn reset(&mut self) -> io::Result<()> {
+    /// Starts the file over in `generation`, which makes every record in it stale.
+    fn reset(&mut self, generation: u64) -> io::Result<()> {
         if self.allocated > KEEP {
             self.file.set_len(KEEP)?;
             self.allocated = KEEP;
         }
-        let generation = self.generation + 1;
         let mut header = [0; FILE_HEADER as usize + HEADER];
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&generation.to_le_bytes());
@@ -207,10 +290,9 @@ impl Wal {
         self.grow_to(GROW_BY)?;
         self.file.write_all_at(&header, 0)?;
         self.file.sync_data()?;
-        self.generation = generation;
+        self.generation = Some(generation);
         self.end = FILE_HEADER;
         self.unsynced = false;
-        self.replay_pending = false;
         Ok(())
     }
 }
@@ -294,10 +376,10 @@ fn decode_round(mut payload: &[u8]) -> Option<sled::Batch> {
     Some(batch)
 }
 
-/// How many records of the current generation the log in `dir` holds; changes nothing.
+/// How many records of their files' generations the log in `dir` holds; changes nothing.
 #[cfg(test)]
 pub fn records(dir: &Path) -> usize {
-    parse(&std::fs::read(dir.join(FILE_NAME)).unwrap_or_default()).1.len()
+    FILE_NAMES.iter().map(|name| parse(&std::fs::read(dir.join(name)).unwrap_or_default()).1.len()).sum()
 }
 
 #[cfg(test)]
@@ -321,10 +403,19 @@ mod tests {
         wal.commit(true)
     }
 
-    /// The log's records applied to an empty database (reading the file only).
+    /// The log's records in replay order: both files, the older generation first (reading
+    /// the files only).
+    fn logged(dir: &Path) -> Vec<sled::Batch> {
+        let mut files: Vec<_> =
+            FILE_NAMES.iter().map(|name| parse(&std::fs::read(dir.join(name)).unwrap_or_default())).collect();
+        files.sort_by_key(|(generation, _, _)| *generation);
+        files.into_iter().flat_map(|(_, batches, _)| batches).collect()
+    }
+
+    /// The log's records applied to an empty database.
     fn replay(dir: &Path) -> sled::Db {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        for b in parse(&std::fs::read(dir.join(FILE_NAME)).unwrap()).1 {
+        for b in logged(dir) {
             db.apply_batch(b).unwrap();
         }
         db
@@ -334,27 +425,28 @@ mod tests {
         db.get(key).unwrap().map(|v| String::from_utf8(v.to_vec()).unwrap())
     }
 
-    fn path(dir: &tempfile::TempDir) -> std::path::PathBuf {
-        dir.path().join(FILE_NAME)
+    /// The active file's path and where its records end.
+    fn active(dir: &tempfile::TempDir, wal: &Wal) -> (std::path::PathBuf, u64) {
+        (dir.path().join(FILE_NAMES[wal.active]), wal.files[wal.active].end)
     }
 
     #[test]
     fn appended_rounds_replay_in_order_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let last_end = {
+        let (path, last_end) = {
             let (mut wal, batches) = Wal::open(dir.path()).unwrap();
             assert!(batches.is_empty());
             append(&mut wal, &round(&[("a", Some("1")), ("b", Some("2"))])).unwrap();
             append(&mut wal, &round(&[("a", None)])).unwrap();
             append(&mut wal, &round(&[("b", Some("3")), ("c", Some("4"))])).unwrap();
-            wal.end
+            active(&dir, &wal)
         };
         let db = replay(dir.path());
         assert_eq!((value(&db, "a"), value(&db, "b"), value(&db, "c")), (None, Some("3".into()), Some("4".into())));
 
         // Cut the last record short, as a crash in the middle of its write would: the file is
         // zero-filled ahead, so its last bytes are zeros then.
-        let file = std::fs::OpenOptions::new().write(true).open(path(&dir)).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         file.write_all_at(&[0; 3], last_end - 3).unwrap();
         let db = replay(dir.path());
         assert_eq!((value(&db, "a"), value(&db, "b"), value(&db, "c")), (None, Some("2".into()), None));
@@ -367,11 +459,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
         append(&mut wal, &round(&[("a", Some("1"))])).unwrap();
-        let first_end = wal.end;
+        let (path, first_end) = active(&dir, &wal);
         append(&mut wal, &round(&[("b", Some("2"))])).unwrap();
         wal.reset().unwrap();
         append(&mut wal, &round(&[("c", Some("3"))])).unwrap();
-        assert_eq!(wal.end, first_end, "the new record ends where the first old one did");
+        assert_eq!(active(&dir, &wal), (path, first_end), "the new record ends where the first old one did");
         let db = replay(dir.path());
         assert_eq!((value(&db, "a"), value(&db, "b"), value(&db, "c")), (None, None, Some("3".into())));
     }
@@ -396,8 +488,9 @@ mod tests {
     #[test]
     fn rounds_are_written_in_place_and_the_file_grows_in_whole_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let size = || std::fs::metadata(path(&dir)).unwrap().len();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        let path = active(&dir, &wal).0;
+        let size = || std::fs::metadata(&path).unwrap().len();
         assert_eq!(size(), GROW_BY, "zero-filled ahead from the start");
         for i in 0..100 {
             append(&mut wal, &round(&[(&format!("k{i}"), Some("v"))])).unwrap();
@@ -420,7 +513,7 @@ mod tests {
         let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
         bytes.extend(crc32fast::hash(&payload).to_le_bytes());
         bytes.extend(payload);
-        std::fs::write(path(&dir), &bytes).unwrap();
+        std::fs::write(dir.path().join(FILE_NAMES[0]), &bytes).unwrap();
         let (mut wal, batches) = Wal::open(dir.path()).unwrap();
         assert_eq!(batches.len(), 1);
         assert_eq!(value(&replay(dir.path()), "a"), Some("1".into()), "opening it changed nothing yet");
@@ -462,7 +555,7 @@ mod tests {
                 }
                 .unwrap();
             }
-            for b in parse(&std::fs::read(path(&dir)).unwrap()).1 {
+            for b in logged(dir.path()) {
                 db.apply_batch(b).unwrap();
             }
             assert_eq!(dump(&db), expected, "replay onto the first {prefix} operations");
@@ -472,13 +565,13 @@ mod tests {
     #[test]
     fn a_damaged_record_ends_the_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let last_end = {
+        let (path, last_end) = {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
             append(&mut wal, &round(&[("a", Some("1"))])).unwrap();
             append(&mut wal, &round(&[("b", Some("2"))])).unwrap();
-            wal.end
+            active(&dir, &wal)
         };
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path(&dir)).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
         let mut byte = [0];
         file.read_exact_at(&mut byte, last_end - 1).unwrap();
         file.write_all_at(&[byte[0] ^ 0xff], last_end - 1).unwrap();
@@ -492,15 +585,15 @@ mod tests {
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
         wal.log(&round(&[("a", Some("1"))]));
         wal.commit(false).unwrap();
-        assert!(wal.unsynced);
+        assert!(wal.files[wal.active].unsynced);
         // A sync request with nothing new still syncs what was written before.
         wal.commit(true).unwrap();
-        assert!(!wal.unsynced);
+        assert!(!wal.files[wal.active].unsynced);
         wal.log(&round(&[("b", Some("2"))]));
         wal.commit(false).unwrap();
         assert_eq!(records(dir.path()), 2);
         wal.reset().unwrap();
-        assert!(!wal.unsynced, "a checkpoint leaves nothing to sync");
+        assert!(!wal.files[wal.active].unsynced, "a checkpoint leaves nothing to sync");
     }
 
     #[test]
@@ -512,5 +605,43 @@ mod tests {
         wal.reset().unwrap();
         assert_eq!(wal.len(), 0);
         assert_eq!(records(dir.path()), 0);
+    }
+
+    /// A checkpoint seals the active file and logs on in the other; until the sealed one is
+    /// released, recovery replays both, the sealed one first.
+    #[test]
+    fn a_sealed_file_replays_before_the_active_one_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        append(&mut wal, &round(&[("a", Some("1")), ("b", Some("1"))])).unwrap();
+        wal.log(&round(&[("c", Some("1"))]));
+        wal.commit(false).unwrap();
+        let sealed = wal.active;
+        wal.seal().unwrap();
+        assert!(!wal.files[sealed].unsynced, "sealing syncs what was only written");
+        assert_ne!(wal.active, sealed);
+        assert!(wal.seal().is_err(), "one sealed file at a time");
+        append(&mut wal, &round(&[("a", Some("2"))])).unwrap();
+        let db = replay(dir.path());
+        assert_eq!(
+            (value(&db, "a"), value(&db, "b"), value(&db, "c")),
+            (Some("2".into()), Some("1".into()), Some("1".into()))
+        );
+        // What Wal::open (a restart) sees is the same, in the same order.
+        let reopened = sled::Config::new().temporary(true).open().unwrap();
+        for b in Wal::open(dir.path()).unwrap().1 {
+            reopened.apply_batch(b).unwrap();
+        }
+        assert_eq!(value(&reopened, "a"), Some("2".into()));
+
+        wal.release().unwrap();
+        assert_eq!(value(&replay(dir.path()), "b"), None, "released: only the active file's records");
+        assert_eq!(value(&replay(dir.path()), "a"), Some("2".into()));
+        // The next checkpoint goes back to the first file, whose old records stay stale.
+        wal.seal().unwrap();
+        assert_eq!(wal.active, sealed);
+        append(&mut wal, &round(&[("d", Some("1"))])).unwrap();
+        let db = replay(dir.path());
+        assert_eq!((value(&db, "a"), value(&db, "b"), value(&db, "d")), (Some("2".into()), None, Some("1".into())));
     }
 }

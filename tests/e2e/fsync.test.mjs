@@ -84,7 +84,7 @@ test("every 200 from POST /send follows a sync of the store that covers the requ
   const calls = parse(readFileSync(trace, "utf8"));
   const fdOf = (c) => (c.args.match(/^(\d+<[^>]*>+)/) || [])[1];
   const isTcp = (c) => /^\d+<(socket:\[|TCP)/.test(c.args);
-  const syncs = calls.filter((c) => /^(fsync|fdatasync)$/.test(c.name) && /\/sio-push\.wal>/.test(c.args));
+  const syncs = calls.filter((c) => /^(fsync|fdatasync)$/.test(c.name) && /\/sio-push\.wal(\.2)?>/.test(c.args));
   const blobSyncs = calls.filter((c) => /^(fsync|fdatasync)$/.test(c.name) && /\/blobs\/\d+>/.test(c.args));
   const reads = calls.filter((c) => /^(read|recvfrom)$/.test(c.name) && isTcp(c) && !/= -1/.test(c.args));
   const answers = calls.filter((c) => /^(write|writev|sendto|sendmsg)$/.test(c.name) && isTcp(c) && c.args.includes("HTTP/1.1 200 OK"));
