@@ -19,7 +19,7 @@
 mod client;
 mod server;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -189,6 +189,16 @@ fn raise_fd_limit() {
     }
 }
 
+/// CPU seconds per server thread name between two readings (to the millisecond), leaving out
+/// threads that did not run.
+fn cpu_by_thread_since(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> serde_json::Value {
+    let spent = after.iter().filter_map(|(name, secs)| {
+        let secs = secs - before.get(name).unwrap_or(&0.0);
+        (secs > 0.0).then(|| (name.clone(), serde_json::Value::from((secs * 1000.0).round() / 1000.0)))
+    });
+    serde_json::Value::Object(spent.collect())
+}
+
 /// The `p` quantile of sorted durations, in milliseconds to two decimals.
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -232,13 +242,15 @@ async fn connect(
     concurrency: usize,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let server = Server::start(&common.server_bin).await?;
-    let (rss_before, cpu_before) = (server.rss_kib()?, server.cpu_secs()?);
+    let (rss_before, cpu_before, threads_before) =
+        (server.rss_kib()?, server.cpu_secs()?, server.cpu_secs_by_thread()?);
     let started = Instant::now();
     let (clients, mut times) = open_clients(&server, n, concurrency, None).await?;
     let elapsed = started.elapsed();
     // Let the connections settle (auth done, _settings sent) before measuring memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_after, cpu_after) = (server.rss_kib()?, server.cpu_secs()?);
+    let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
     times.sort();
     let figures = json!({
         "clients": n,
@@ -250,6 +262,7 @@ async fn connect(
         "server_rss_kib_after": rss_after,
         "server_kib_per_connection": ((rss_after as f64 - rss_before as f64) / n as f64 * 10.0).round() / 10.0,
         "server_cpu_ms_per_connect": ((cpu_after - cpu_before) * 1000.0 / n as f64 * 1000.0).round() / 1000.0,
+        "server_cpu_secs_by_thread": threads,
     });
     drop(clients);
     server.stop().await?;
@@ -266,7 +279,7 @@ async fn unicast(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
-    let cpu_before = server.cpu_secs()?;
+    let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
@@ -317,6 +330,7 @@ async fn unicast(
     // Acks travel after receipt: give the server a moment to record them before reading its CPU.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = server.cpu_secs()? - cpu_before;
+    let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     latencies.sort();
     let figures = json!({
@@ -330,6 +344,7 @@ async fn unicast(
         "latency_ms_max": percentile(&latencies, 1.0),
         "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
         "server_cpu_ms_per_message": (cpu * 1000.0 / m as f64 * 1000.0).round() / 1000.0,
+        "server_cpu_secs_by_thread": threads,
         "lost": m - counts.len(),
         "duplicates": duplicates,
     });
@@ -350,7 +365,7 @@ async fn fanout(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::new();
-    let cpu_before = server.cpu_secs()?;
+    let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
     let started = Instant::now();
     let mut reach = Vec::with_capacity(rounds);
     for round in 0..rounds {
@@ -371,6 +386,7 @@ async fn fanout(
     }
     let elapsed = started.elapsed();
     let cpu = server.cpu_secs()? - cpu_before;
+    let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
     // No backlog: how busy the server still is in the second after the last delivery.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_after = server.cpu_secs()? - cpu_before - cpu;
@@ -383,6 +399,7 @@ async fn fanout(
         "last_device_ms_max": percentile(&reach, 1.0),
         "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
         "server_cpu_secs_in_the_second_after": (cpu_after * 1000.0).round() / 1000.0,
+        "server_cpu_secs_by_thread": threads,
     });
     drop(clients);
     server.stop().await?;

@@ -2,6 +2,7 @@
 //! configured through the old service's environment variables, with its CPU time and RSS read
 //! from /proc.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -101,14 +102,19 @@ impl Server {
 
     /// The server's user + system CPU time so far, in seconds.
     pub fn cpu_secs(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the command name (which may hold spaces) start at field 3.
-        let after = stat.rsplit_once(')').context("malformed stat")?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Ok(ticks / per_sec)
+        Ok(cpu_of(&std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?)?.1)
+    }
+
+    /// The server's CPU time so far by thread name (the store's writer, tokio's workers, ...),
+    /// in seconds: where its CPU goes. Threads that have ended are not counted.
+    pub fn cpu_secs_by_thread(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let mut out = BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else { continue };
+            let (name, secs) = cpu_of(&stat)?;
+            *out.entry(name).or_default() += secs;
+        }
+        Ok(out)
     }
 
     /// The server's resident memory, in KiB.
@@ -131,4 +137,16 @@ impl Server {
         }
         Ok(self.data)
     }
+}
+
+/// The command (thread) name and user + system CPU seconds in a `/proc/.../stat` line.
+fn cpu_of(stat: &str) -> anyhow::Result<(String, f64)> {
+    let (head, after) = stat.rsplit_once(')').context("malformed stat")?;
+    let name = head.split_once('(').context("malformed stat")?.1.to_string();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((name, ticks / per_sec))
 }
