@@ -437,15 +437,13 @@ impl LiveAck {
             return;
         }
         let site = first.site.clone();
-        let devices: Vec<DeviceKey> = acked.into_iter().map(|(dev, _)| dev).collect();
-        match store.ack_each(&devices, id).await {
+        let devices = acked.len();
+        match store.ack_each(acked.into_iter().map(|(dev, _)| dev).collect(), id).await {
             Ok(()) => {
-                metrics::acked(&site, devices.len() as u64);
-                tracing::debug!(site = %site, id, devices = devices.len(), "acked");
+                metrics::acked(&site, devices as u64);
+                tracing::debug!(site = %site, id, devices, "acked");
             }
-            Err(e) => {
-                tracing::error!(site = %site, id, devices = devices.len(), error.message = %e, "acks not recorded")
-            }
+            Err(e) => tracing::error!(site = %site, id, devices, error.message = %e, "acks not recorded"),
         }
     }
 }

@@ -187,9 +187,9 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError> {
+    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError> {
         let mut state = self.lock();
-        for device in devices {
+        for device in &devices {
             state.remove(device, [id]);
         }
         Ok(())

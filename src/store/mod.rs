@@ -288,7 +288,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes message `id` from the queue of each of `devices`: the live acks of one message,
     /// recorded together.
-    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError>;
+    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError>;
 
     /// Removes `id` if it is the oldest queued message of `event`, otherwise clears every queued
     /// message of `event` (see [`CheckedAck`]).

@@ -812,8 +812,7 @@ impl Store for SledStore {
         self.job(Durability::Written, move |w| w.remove_entries(&device, &ids).map(drop)).await
     }
 
-    async fn ack_each(&self, devices: &[DeviceKey], id: MessageId) -> Result<(), StoreError> {
-        let devices = devices.to_vec();
+    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError> {
         self.job(Durability::Written, move |w| {
             devices.iter().try_for_each(|dev| w.remove_entries(dev, &[id]).map(drop))
         })

@@ -77,7 +77,7 @@ async fn ack_each_removes_one_message_from_each_device(store: impl Store) {
     }
     let first = send(&store, &["user_1", "user_2", "user_3"], "[1]", 0).await.id;
     send(&store, &["user_1", "user_2", "user_3"], "[2]", 0).await;
-    store.ack_each(&[a.clone(), b.clone(), dev("user_9", "unknown")], first).await.unwrap();
+    store.ack_each(vec![a.clone(), b.clone(), dev("user_9", "unknown")], first).await.unwrap();
     assert_eq!(entries(&store, &a).await, ["[2]"]);
     assert_eq!(entries(&store, &b).await, ["[2]"]);
     assert_eq!(entries(&store, &c).await, ["[1]", "[2]"]);
