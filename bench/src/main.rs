@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::client::{Client, Received};
-use crate::server::Server;
+use crate::server::{own_cpu_secs, Server};
 
 #[derive(Parser)]
 #[command(name = "sio-push-bench", about = "Load generator for sio-push")]
@@ -248,6 +248,7 @@ async fn connect(
     let server = Server::start(&common.server_bin).await?;
     let (rss_before, cpu_before, threads_before) =
         (server.rss_kib()?, server.cpu_secs()?, server.cpu_secs_by_thread()?);
+    let own_before = own_cpu_secs()?;
     let started = Instant::now();
     let (clients, mut times) = open_clients(&server, n, concurrency, None).await?;
     let elapsed = started.elapsed();
@@ -255,6 +256,7 @@ async fn connect(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_after, cpu_after) = (server.rss_kib()?, server.cpu_secs()?);
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
+    let own = own_cpu_secs()? - own_before; // its clients and the mock auth endpoint
     times.sort();
     let figures = json!({
         "clients": n,
@@ -267,6 +269,7 @@ async fn connect(
         "server_kib_per_connection": ((rss_after as f64 - rss_before as f64) / n as f64 * 10.0).round() / 10.0,
         "server_cpu_ms_per_connect": ((cpu_after - cpu_before) * 1000.0 / n as f64 * 1000.0).round() / 1000.0,
         "server_cpu_secs_by_thread": threads,
+        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
     });
     drop(clients);
     server.stop().await?;
@@ -284,6 +287,7 @@ async fn unicast(
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
     let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
+    let own_before = own_cpu_secs()?;
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
@@ -335,6 +339,7 @@ async fn unicast(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = server.cpu_secs()? - cpu_before;
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
+    let own = own_cpu_secs()? - own_before;
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     latencies.sort();
     let figures = json!({
@@ -349,6 +354,7 @@ async fn unicast(
         "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
         "server_cpu_ms_per_message": (cpu * 1000.0 / m as f64 * 1000.0).round() / 1000.0,
         "server_cpu_secs_by_thread": threads,
+        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
         "lost": m - counts.len(),
         "duplicates": duplicates,
     });
@@ -370,6 +376,7 @@ async fn fanout(
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::new();
     let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
+    let own_before = own_cpu_secs()?;
     let started = Instant::now();
     let mut reach = Vec::with_capacity(rounds);
     for round in 0..rounds {
@@ -391,6 +398,7 @@ async fn fanout(
     let elapsed = started.elapsed();
     let cpu = server.cpu_secs()? - cpu_before;
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
+    let own = own_cpu_secs()? - own_before;
     // No backlog: how busy the server still is in the second after the last delivery.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_after = server.cpu_secs()? - cpu_before - cpu;
@@ -404,6 +412,7 @@ async fn fanout(
         "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
         "server_cpu_secs_in_the_second_after": (cpu_after * 1000.0).round() / 1000.0,
         "server_cpu_secs_by_thread": threads,
+        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
     });
     drop(clients);
     server.stop().await?;
