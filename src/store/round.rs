@@ -77,11 +77,25 @@ impl Pending {
         }
     }
 
-    /// Adds the changes of a later round.
-    pub fn absorb(&mut self, later: Pending) {
+    /// Adds the changes of a later round. A removal of a key that `frozen` (the changes a
+    /// checkpoint is giving sled) still holds as new takes it out of there instead: sled never
+    /// sees either. That is a message delivered live and acked while a checkpoint was under way.
+    pub fn absorb(&mut self, later: Pending, frozen: &mut Pending) {
         for (key, change) in later.0 {
+            if change == Change::Remove && !frozen.is_empty() && !self.0.contains_key(&key) && frozen.take_new(&key) {
+                continue;
+            }
             self.set(key, change);
         }
+    }
+
+    /// Forgets `key` if it is changed here to a value sled has never had; `true` if it was.
+    fn take_new(&mut self, key: &[u8]) -> bool {
+        let new = matches!(self.0.get(key), Some(Change::Put { fresh: true, .. }));
+        if new {
+            self.0.remove(key);
+        }
+        new
     }
 
     fn set(&mut self, key: Vec<u8>, change: Change) {
@@ -118,16 +132,33 @@ impl Pending {
     pub fn drain_some_into(&mut self, tree: &Tree, n: usize) -> Result<(), StoreError> {
         for _ in 0..n {
             let Some((key, change)) = self.0.pop_first() else { break };
-            let given = match &change {
-                Change::Put { value, .. } => tree.insert(key.as_slice(), value.as_slice()).map(drop),
-                Change::Remove => tree.remove(key.as_slice()).map(drop),
-            };
-            if let Err(e) = given {
+            give(tree, key, change).map_err(|(key, change, e)| {
                 self.0.insert(key, change);
-                return Err(io(e));
-            }
+                e
+            })?;
         }
         Ok(())
+    }
+
+    /// Like [`Pending::drain_some_into`], for the keys from `from` on, but leaves the values of
+    /// new keys here (a live message's queue entry, which its ack may soon take out again; see
+    /// [`Pending::absorb`]). Returns the key to go on from, `None` once past the last.
+    pub fn drain_some_old_into(&mut self, tree: &Tree, n: usize, from: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::ops::Bound::{Included, Unbounded};
+        let old: Vec<Vec<u8>> = (self.0.range::<[u8], _>((Included(from), Unbounded)))
+            .filter(|(_, change)| !matches!(change, Change::Put { fresh: true, .. }))
+            .take(n)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let next = (old.len() == n).then(|| old.last().cloned()).flatten();
+        for key in old {
+            let change = self.0.remove(&key).expect("a key just found");
+            give(tree, key, change).map_err(|(key, change, e)| {
+                self.0.insert(key, change);
+                e
+            })?;
+        }
+        Ok(next)
     }
 
     /// Gives every change to sled, key by key, and forgets them. Call only once the write-ahead
@@ -153,6 +184,15 @@ impl Pending {
             changes: changes.take_while(move |(k, _)| k.starts_with(&prefix)).peekable(),
         })
     }
+}
+
+/// Gives sled one change; hands it back with the error if sled refused it.
+fn give(tree: &Tree, key: Vec<u8>, change: Change) -> Result<(), (Vec<u8>, Change, StoreError)> {
+    let given = match &change {
+        Change::Put { value, .. } => tree.insert(key.as_slice(), value.as_slice()).map(drop),
+        Change::Remove => tree.remove(key.as_slice()).map(drop),
+    };
+    given.map_err(|e| (key, change, io(e)))
 }
 
 /// Items of a prefix scan.
@@ -268,7 +308,7 @@ mod tests {
         ack.remove("old");
         let mut round = Pending::default();
         round.apply(ack);
-        pending.absorb(round);
+        pending.absorb(round, &mut Pending::default());
         assert_eq!(pending.len(), 3, "q/1 cancelled out; q/2, state and the removal of old are left");
         pending.drain_into(&db).unwrap();
         assert_eq!(pending.len(), 0);
@@ -280,5 +320,46 @@ mod tests {
             })
             .collect();
         assert_eq!(all, [("q/2".to_string(), "m2".to_string()), ("state".to_string(), "len=1".to_string())]);
+    }
+
+    fn keys_in(db: &sled::Tree) -> Vec<String> {
+        db.iter().map(|kv| String::from_utf8(kv.unwrap().0.to_vec()).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_checkpoint_gives_sled_new_keys_last_and_their_removal_cancels_them() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.insert("q/0", "old").unwrap();
+        let mut frozen = Pending::default();
+        let mut job = Changes::default();
+        for i in 1..=5 {
+            job.insert_new(format!("q/{i}"), "m");
+        }
+        job.insert("a", "1");
+        job.remove("q/0");
+        job.insert("z", "1");
+        frozen.apply(job);
+        // The old changes first, two at a time, the new keys' values left for later.
+        let next = frozen.drain_some_old_into(&db, 2, b"").unwrap();
+        assert_eq!(next.as_deref(), Some(&b"q/0"[..]));
+        assert_eq!(keys_in(&db), ["a"], "q/0 removed");
+        assert_eq!(frozen.drain_some_old_into(&db, 2, &next.unwrap()).unwrap(), None, "past the last");
+        assert_eq!(keys_in(&db), ["a", "z"]);
+        assert_eq!(frozen.len(), 5);
+        // Acks of q/1 and q/3 arrive, and a removal of a key sled has: only that one is kept.
+        let mut pending = Pending::default();
+        let mut acks = Changes::default();
+        acks.remove("q/1");
+        acks.remove("q/3");
+        acks.remove("a");
+        let mut round = Pending::default();
+        round.apply(acks);
+        pending.absorb(round, &mut frozen);
+        assert_eq!(frozen.len(), 3, "q/2, q/4 and q/5 are left");
+        assert_eq!(pending.len(), 1, "the removal of a");
+        assert!(frozen.lookup(b"q/1").is_none() && pending.lookup(b"q/1").is_none());
+        frozen.drain_into(&db).unwrap();
+        pending.drain_into(&db).unwrap();
+        assert_eq!(keys_in(&db), ["q/2", "q/4", "q/5", "z"]);
     }
 }

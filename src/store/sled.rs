@@ -91,6 +91,11 @@ struct Writer {
     pending: Pending,
     /// Changes of the rounds before that, which the checkpoint under way is giving to sled.
     frozen: Pending,
+    /// Where the checkpoint under way goes on giving sled the frozen changes other than new
+    /// keys' values; `None` once past the last. New keys' values (queue entries, mostly of
+    /// messages delivered live) wait until the checkpoint is `checkpoint_every` old, so that
+    /// their acks take them out first: such a message never reaches sled (`Pending::absorb`).
+    drain_from: Option<Vec<u8>>,
     /// Changes of the current round, until it is committed.
     round: Pending,
     /// Message ids: the next one, and how far they are reserved in the round and durably.
@@ -104,7 +109,7 @@ struct Writer {
     /// drops its user's entry (in `apply`); cleared with `counts`.
     devices: HashMap<Vec<u8>, Arc<[UserDevice]>>,
     wal: Wal,
-    /// When sled last held every logged change durably.
+    /// When the last checkpoint began.
     checkpointed: std::time::Instant,
     /// Age of logged changes that triggers a checkpoint.
     checkpoint_every: std::time::Duration,
@@ -292,6 +297,7 @@ impl SledStore {
             tree,
             pending: Pending::default(),
             frozen: Pending::default(),
+            drain_from: None,
             round: Pending::default(),
             wal,
             checkpointed: std::time::Instant::now(),
@@ -364,23 +370,25 @@ impl View for Writer {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        // Both kept across rounds: a new vector per round was a large allocation, and glibc
+        // consolidates its free lists for each one (4% of the writer's time in a fan-out).
         let mut round = Vec::with_capacity(64);
+        let mut waiting = Vec::with_capacity(64);
         let mut stopping = false;
         // A checkpoint under way gives sled its changes a step at a time while no job waits
         // (and a step after every round, so that it ends under load too); not after a failure.
         let mut step_while_idle = true;
         while !stopping {
-            let first = if step_while_idle && !self.frozen.is_empty() {
-                match rx.try_recv() {
-                    Ok(job) => Some(job),
-                    Err(mpsc::error::TryRecvError::Empty) => {
+            let first = match self.checkpoint_wait().filter(|_| step_while_idle) {
+                Some(wait) => match recv_within(&mut rx, wait) {
+                    Next::Job(job) => Some(job),
+                    Next::Idle => {
                         step_while_idle = self.checkpoint_step();
                         continue;
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                }
-            } else {
-                rx.blocking_recv()
+                    Next::Closed => None,
+                },
+                None => rx.blocking_recv(),
             };
             let Some(first) = first else { break };
             self.space.refresh();
@@ -391,7 +399,6 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut waiting = Vec::with_capacity(round.len());
             let mut sync = false;
             for job in round.drain(..) {
                 match job {
@@ -410,7 +417,7 @@ impl Writer {
             if !waiting.is_empty() {
                 crate::metrics::store_round(waiting.len(), started.elapsed());
             }
-            for reply in waiting {
+            for reply in waiting.drain(..) {
                 reply(committed.clone());
             }
             if self.wal.is_sealed() {
@@ -439,7 +446,7 @@ impl Writer {
             return Err(format!("cannot write the write-ahead log: {e}"));
         }
         self.ids.durable = self.ids.reserved;
-        self.pending.absorb(round);
+        self.pending.absorb(round, &mut self.frozen);
         Ok(())
     }
 
@@ -459,6 +466,7 @@ impl Writer {
     /// Makes sled hold every change durably at once, then starts both log files over (at open
     /// after a replay, and at close).
     fn checkpoint(&mut self) -> Result<(), String> {
+        self.drain_from = None;
         self.frozen.drain_into(&self.tree).map_err(|e| e.to_string())?;
         self.pending.drain_into(&self.tree).map_err(|e| e.to_string())?;
         self.make_sled_durable()?;
@@ -476,15 +484,46 @@ impl Writer {
             return false;
         }
         self.frozen = std::mem::take(&mut self.pending);
+        self.drain_from = Some(Vec::new());
         true
+    }
+
+    /// How long until the checkpoint under way has a step to take; `None` if none is.
+    fn checkpoint_wait(&self) -> Option<std::time::Duration> {
+        match (self.frozen.is_empty(), &self.drain_from) {
+            (true, _) => None,
+            (false, Some(_)) => Some(std::time::Duration::ZERO),
+            (false, None) => Some(self.new_keys_wait().saturating_sub(self.checkpointed.elapsed())),
+        }
+    }
+
+    /// How long after its start a checkpoint gives sled new keys' values: one checkpoint
+    /// interval, so that most live messages are acked by then.
+    fn new_keys_wait(&self) -> std::time::Duration {
+        self.checkpoint_every.min(CHECKPOINT_EVERY)
     }
 
     /// Gives sled the next `CHECKPOINT_STEP` frozen changes; after the last, makes sled durable
     /// and releases the sealed log file. `false` if it failed (logged): retried after the next
     /// round.
     fn checkpoint_step(&mut self) -> bool {
-        let step = self.frozen.drain_some_into(&self.tree, CHECKPOINT_STEP).map_err(|e| e.to_string());
-        let done = step.and_then(|()| {
+        let step = match self.drain_from.take() {
+            Some(from) => match self.frozen.drain_some_old_into(&self.tree, CHECKPOINT_STEP, &from) {
+                Ok(next) => {
+                    self.drain_from = next;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.drain_from = Some(from);
+                    Err(e)
+                }
+            },
+            None if self.checkpointed.elapsed() >= self.new_keys_wait() => {
+                self.frozen.drain_some_into(&self.tree, CHECKPOINT_STEP)
+            }
+            None => Ok(()),
+        };
+        let done = step.map_err(|e| e.to_string()).and_then(|()| {
             if !self.frozen.is_empty() {
                 return Ok(());
             }
@@ -614,6 +653,49 @@ impl Writer {
         self.set_counts(&prefix, counts);
         self.apply(batch);
         Ok(removed)
+    }
+}
+
+/// What came for the writer.
+enum Next {
+    Job(Job),
+    /// Nothing within the wait.
+    Idle,
+    /// Every sender is gone.
+    Closed,
+}
+
+/// The next job, if one comes within `wait`.
+fn recv_within(rx: &mut mpsc::Receiver<Job>, wait: std::time::Duration) -> Next {
+    use std::task::{Context, Poll, Wake, Waker};
+    if wait.is_zero() {
+        return match rx.try_recv() {
+            Ok(job) => Next::Job(job),
+            Err(mpsc::error::TryRecvError::Empty) => Next::Idle,
+            Err(mpsc::error::TryRecvError::Disconnected) => Next::Closed,
+        };
+    }
+    /// Wakes the waiting writer thread when a job is sent.
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        match rx.poll_recv(&mut cx) {
+            Poll::Ready(Some(job)) => return Next::Job(job),
+            Poll::Ready(None) => return Next::Closed,
+            Poll::Pending => {}
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Next::Idle;
+        }
+        std::thread::park_timeout(left);
     }
 }
 
