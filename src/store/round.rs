@@ -5,7 +5,8 @@
 //! node. So the writer's jobs do not write to sled. Each job's changes are logged in the
 //! write-ahead log (which makes them durable) and kept here, where the writer's reads see them
 //! over sled's tree. sled gets what is left only at a checkpoint. Most queue entries never get
-//! there: a message queued and acked between two checkpoints cancels out.
+//! there: a message queued and acked between two checkpoints cancels out, and so does one acked
+//! while a checkpoint is under way, which gives sled new keys' values last.
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;
