@@ -139,13 +139,13 @@ impl Server {
     }
 }
 
-/// The command (thread) name and user + system CPU seconds in a `/proc/.../stat` line.
 /// This process's (the load generator's) user + system CPU time so far, in seconds: the other
 /// half of the two cores' work in a run.
 pub fn own_cpu_secs() -> anyhow::Result<f64> {
     Ok(cpu_of(&std::fs::read_to_string("/proc/self/stat")?)?.1)
 }
 
+/// The command (thread) name and user + system CPU seconds in a `/proc/.../stat` line.
 fn cpu_of(stat: &str) -> anyhow::Result<(String, f64)> {
     let (head, after) = stat.rsplit_once(')').context("malformed stat")?;
     let name = head.split_once('(').context("malformed stat")?.1.to_string();

@@ -146,7 +146,9 @@ impl Pending {
     /// [`Pending::absorb`]). Returns the key to go on from, `None` once past the last.
     pub fn drain_some_old_into(&mut self, tree: &Tree, n: usize, from: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         use std::ops::Bound::{Included, Unbounded};
-        let old: Vec<Vec<u8>> = (self.0.range::<[u8], _>((Included(from), Unbounded)))
+        let old: Vec<Vec<u8>> = self
+            .0
+            .range::<[u8], _>((Included(from), Unbounded))
             .filter(|(_, change)| !matches!(change, Change::Put { fresh: true, .. }))
             .take(n)
             .map(|(key, _)| key.clone())

@@ -93,8 +93,9 @@ struct Writer {
     frozen: Pending,
     /// Where the checkpoint under way goes on giving sled the frozen changes other than new
     /// keys' values; `None` once past the last. New keys' values (queue entries, mostly of
-    /// messages delivered live) wait until the checkpoint is `checkpoint_every` old, so that
-    /// their acks take them out first: such a message never reaches sled (`Pending::absorb`).
+    /// messages delivered live) wait until the checkpoint is one interval old
+    /// (`new_keys_wait`), so that their acks take them out first: such a message never
+    /// reaches sled (`Pending::absorb`).
     drain_from: Option<Vec<u8>>,
     /// Changes of the current round, until it is committed.
     round: Pending,

@@ -385,6 +385,39 @@ async fn sled_recovers_durable_changes_from_a_crash_image() {
     assert_eq!(recovered.users_in_room("site", "staff").await.unwrap(), ["user_1"]);
 }
 
+/// A checkpoint gives sled new queue entries only once it is an interval old, and an ack takes
+/// an entry out of it meanwhile. Jobs are served while it waits, and a crash at any moment
+/// recovers the same queues: before the checkpoint ends and after.
+#[tokio::test]
+async fn sled_acks_during_a_checkpoint_are_served_and_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = (dev("user_1", "a"), dev("user_2", "a"));
+    let every = Duration::from_millis(200);
+    let store = SledStore::open_with(dir.path(), 1 << 20, 0, every).unwrap();
+    store.connect(&d1, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d2, &rooms(&["user_2"])).await.unwrap();
+    tokio::time::sleep(every + Duration::from_millis(50)).await;
+    // This round starts the checkpoint: its entries are frozen, new, and wait.
+    let first = send(&store, &["user_1", "user_2"], "[1]", 0).await.id;
+    store.ack(&d1, &[first]).await.unwrap();
+    send(&store, &["user_1"], "[2]", 0).await;
+    assert_eq!(entries(&store, &d1).await, ["[2]"]);
+    assert_eq!(entries(&store, &d2).await, ["[1]"]);
+    let during = crash_image(dir.path());
+    // Past the wait the checkpoint ends; the next round's job sees the same.
+    tokio::time::sleep(every + Duration::from_millis(100)).await;
+    assert_eq!(entries(&store, &d1).await, ["[2]"]);
+    let after = crash_image(dir.path());
+    store.close().await;
+    for image in [during, after, crash_image(dir.path())] {
+        let recovered = SledStore::open(image.path(), 1 << 20, 0).unwrap();
+        assert_eq!(entries(&recovered, &d1).await, ["[2]"]);
+        assert_eq!(entries(&recovered, &d2).await, ["[1]"]);
+        assert_eq!(recovered.device(&d1).await.unwrap().unwrap().queue_len, 1);
+        recovered.close().await;
+    }
+}
+
 #[tokio::test]
 async fn sled_keeps_queues_and_registry_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
