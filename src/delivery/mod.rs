@@ -300,7 +300,7 @@ impl Delivery {
             if !connected.pending.is_empty() {
                 self.send_batch(&socket, dev, connected.pending);
             }
-            if site.public_channel.as_deref() != Some(user.as_str()) {
+            if site.public_channel.as_deref() != Some(&*user) {
                 self.callbacks.presence(site, &user, &client.token, Presence::Connected);
             }
         }

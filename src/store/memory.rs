@@ -24,7 +24,7 @@ pub struct MemoryStore {
 struct State {
     devices: BTreeMap<DeviceKey, DeviceState>,
     /// (site, user room) -> that user's latest room list.
-    users: BTreeMap<(String, String), Vec<String>>,
+    users: BTreeMap<(Arc<str>, Arc<str>), Vec<String>>,
     queues: HashMap<DeviceKey, BTreeMap<MessageId, Queued>>,
     /// (site, idempotency key) -> (fingerprint, expires at).
     keys: HashMap<(String, String), (u64, Millis)>,
@@ -66,7 +66,7 @@ impl State {
     fn devices_of(&self, site: &str, user: &str) -> Vec<DeviceKey> {
         self.devices
             .range(DeviceKey::new(site, user, "")..)
-            .take_while(|(k, _)| k.site == site && k.user == user)
+            .take_while(|(k, _)| &*k.site == site && &*k.user == user)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -123,8 +123,8 @@ impl Store for MemoryStore {
             .lock()
             .users
             .iter()
-            .filter(|((s, _), rooms)| s == site && rooms.iter().any(|r| r.to_lowercase() == room))
-            .map(|((_, user), _)| user.clone())
+            .filter(|((s, _), rooms)| &**s == site && rooms.iter().any(|r| r.to_lowercase() == room))
+            .map(|((_, user), _)| user.to_string())
             .collect())
     }
 
@@ -232,7 +232,7 @@ impl Store for MemoryStore {
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
         let mut out = BTreeMap::<String, SiteStats>::new();
         for (dev, state) in &self.lock().devices {
-            out.entry(dev.site.clone()).or_default().add(state);
+            out.entry(dev.site.to_string()).or_default().add(state);
         }
         Ok(out)
     }
@@ -245,7 +245,7 @@ impl Store for MemoryStore {
             .map(|dev| DeviceInfo {
                 oldest_queued_at: state.queues.get(&dev).and_then(|q| q.values().next()).map(|q| q.queued_at),
                 state: state.devices[&dev].clone(),
-                device: dev.device,
+                device: dev.device.to_string(),
             })
             .collect())
     }

@@ -979,7 +979,7 @@ impl Store for SledStore {
                 let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
                 let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
                 let state = w.with_counts(&dev, serde_json::from_slice(&v).map_err(|_| corrupt())?)?;
-                out.entry(dev.site).or_default().add(&state);
+                out.entry(dev.site.to_string()).or_default().add(&state);
             }
             Ok(out)
         })
@@ -1004,7 +1004,7 @@ impl Store for SledStore {
                     }
                     None => None,
                 };
-                out.push(DeviceInfo { device: dev.device, state, oldest_queued_at: oldest });
+                out.push(DeviceInfo { device: dev.device.to_string(), state, oldest_queued_at: oldest });
             }
             Ok(out)
         })
