@@ -119,6 +119,7 @@ impl Application {
         let server = state.server.clone();
         let tasks = TaskTracker::new();
         tasks.spawn(sweeper(state.delivery.clone(), server.sweep_interval, shutdown.clone()));
+        tasks.spawn(crate::metrics::upkeep(crate::metrics::UPKEEP_EVERY, shutdown.clone()));
         if let Some((admin_listener, admin_router)) = admin {
             tracing::info!(listen = %admin_listener.local_addr()?, "admin API serving");
             tasks.spawn(state.history.clone().sample_until(shutdown.clone()));

@@ -71,6 +71,24 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
+/// How often recorded histogram samples are folded into their buckets.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last scrape into their buckets, every
+/// `period` until `stop`. The recorder keeps each sample until a scrape or this: a server that
+/// nobody scrapes grew by about 8 bytes per sample, without bound (1.3 samples per message:
+/// 3-4 MB more RSS after 300,000 messages).
+pub async fn upkeep(period: Duration, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => install().run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!("sio_push_sockets_connected", "Connected sockets, per site and protocol generation");

@@ -287,7 +287,7 @@ async fn unicast(
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
     let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
-    let own_before = own_cpu_secs()?;
+    let (own_before, rss_before) = (own_cpu_secs()?, server.rss_kib()?);
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
@@ -339,7 +339,7 @@ async fn unicast(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = server.cpu_secs()? - cpu_before;
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
-    let own = own_cpu_secs()? - own_before;
+    let (own, rss_after) = (own_cpu_secs()? - own_before, server.rss_kib()?);
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     latencies.sort();
     let figures = json!({
@@ -355,6 +355,8 @@ async fn unicast(
         "server_cpu_ms_per_message": (cpu * 1000.0 / m as f64 * 1000.0).round() / 1000.0,
         "server_cpu_secs_by_thread": threads,
         "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
         "lost": m - counts.len(),
         "duplicates": duplicates,
     });
