@@ -33,10 +33,10 @@ pub type Millis = u64;
 pub type MessageId = u64;
 
 /// One device of one user room of one site: the unit that owns a queue.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 ///
 /// Its parts are shared, not copied, by clones: a message to a user room of 10,000 devices
 /// clones 10,000 keys on the store's writer, and the workers drop them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceKey {
     /// The site (socket.io namespace without its leading `/`).
     pub site: Arc<str>,
