@@ -60,6 +60,13 @@ enum Change {
     Remove,
 }
 
+impl Change {
+    /// A value of a key sled has never had.
+    fn is_new(&self) -> bool {
+        matches!(self, Change::Put { fresh: true, .. })
+    }
+}
+
 /// Keys changed, each with its latest change: the changes since the last checkpoint, or those
 /// of the current round.
 #[derive(Default)]
@@ -92,7 +99,7 @@ impl Pending {
 
     /// Forgets `key` if it is changed here to a value sled has never had; `true` if it was.
     fn take_new(&mut self, key: &[u8]) -> bool {
-        let new = matches!(self.0.get(key), Some(Change::Put { fresh: true, .. }));
+        let new = self.0.get(key).is_some_and(Change::is_new);
         if new {
             self.0.remove(key);
         }
@@ -104,11 +111,11 @@ impl Pending {
         match (self.0.entry(key), change) {
             (Entry::Vacant(e), change) => drop(e.insert(change)),
             (Entry::Occupied(mut e), Change::Put { value, .. }) => {
-                let fresh = matches!(e.get(), Change::Put { fresh: true, .. });
+                let fresh = e.get().is_new();
                 e.insert(Change::Put { value, fresh });
             }
             (Entry::Occupied(mut e), Change::Remove) => {
-                if matches!(e.get(), Change::Put { fresh: true, .. }) {
+                if e.get().is_new() {
                     e.remove(); // sled never saw it: nothing to undo there
                 } else {
                     e.insert(Change::Remove);
@@ -133,10 +140,7 @@ impl Pending {
     pub fn drain_some_into(&mut self, tree: &Tree, n: usize) -> Result<(), StoreError> {
         for _ in 0..n {
             let Some((key, change)) = self.0.pop_first() else { break };
-            give(tree, key, change).map_err(|(key, change, e)| {
-                self.0.insert(key, change);
-                e
-            })?;
+            self.give_or_keep(tree, key, change)?;
         }
         Ok(())
     }
@@ -149,19 +153,28 @@ impl Pending {
         let old: Vec<Vec<u8>> = self
             .0
             .range::<[u8], _>((Included(from), Unbounded))
-            .filter(|(_, change)| !matches!(change, Change::Put { fresh: true, .. }))
+            .filter(|(_, change)| !change.is_new())
             .take(n)
             .map(|(key, _)| key.clone())
             .collect();
         let next = (old.len() == n).then(|| old.last().cloned()).flatten();
         for key in old {
             let change = self.0.remove(&key).expect("a key just found");
-            give(tree, key, change).map_err(|(key, change, e)| {
-                self.0.insert(key, change);
-                e
-            })?;
+            self.give_or_keep(tree, key, change)?;
         }
         Ok(next)
+    }
+
+    /// Gives sled one change taken out of here; puts it back if sled refused it.
+    fn give_or_keep(&mut self, tree: &Tree, key: Vec<u8>, change: Change) -> Result<(), StoreError> {
+        let given = match &change {
+            Change::Put { value, .. } => tree.insert(key.as_slice(), value.as_slice()).map(drop),
+            Change::Remove => tree.remove(key.as_slice()).map(drop),
+        };
+        given.map_err(|e| {
+            self.0.insert(key, change);
+            io(e)
+        })
     }
 
     /// Gives every change to sled, key by key, and forgets them. Call only once the write-ahead
@@ -187,15 +200,6 @@ impl Pending {
             changes: changes.take_while(move |(k, _)| k.starts_with(&prefix)).peekable(),
         })
     }
-}
-
-/// Gives sled one change; hands it back with the error if sled refused it.
-fn give(tree: &Tree, key: Vec<u8>, change: Change) -> Result<(), (Vec<u8>, Change, StoreError)> {
-    let given = match &change {
-        Change::Put { value, .. } => tree.insert(key.as_slice(), value.as_slice()).map(drop),
-        Change::Remove => tree.remove(key.as_slice()).map(drop),
-    };
-    given.map_err(|e| (key, change, io(e)))
 }
 
 /// Items of a prefix scan.

@@ -376,10 +376,20 @@ fn decode_round(mut payload: &[u8]) -> Option<sled::Batch> {
     Some(batch)
 }
 
+/// The log's records in replay order: both files, the older generation first (reading the
+/// files only).
+#[cfg(test)]
+fn logged(dir: &Path) -> Vec<sled::Batch> {
+    let mut files: Vec<_> =
+        FILE_NAMES.iter().map(|name| parse(&std::fs::read(dir.join(name)).unwrap_or_default())).collect();
+    files.sort_by_key(|(generation, _, _)| *generation);
+    files.into_iter().flat_map(|(_, batches, _)| batches).collect()
+}
+
 /// How many records of their files' generations the log in `dir` holds; changes nothing.
 #[cfg(test)]
 pub fn records(dir: &Path) -> usize {
-    FILE_NAMES.iter().map(|name| parse(&std::fs::read(dir.join(name)).unwrap_or_default()).1.len()).sum()
+    logged(dir).len()
 }
 
 #[cfg(test)]
@@ -401,15 +411,6 @@ mod tests {
     fn append(wal: &mut Wal, changes: &Changes) -> io::Result<()> {
         wal.log(changes);
         wal.commit(true)
-    }
-
-    /// The log's records in replay order: both files, the older generation first (reading
-    /// the files only).
-    fn logged(dir: &Path) -> Vec<sled::Batch> {
-        let mut files: Vec<_> =
-            FILE_NAMES.iter().map(|name| parse(&std::fs::read(dir.join(name)).unwrap_or_default())).collect();
-        files.sort_by_key(|(generation, _, _)| *generation);
-        files.into_iter().flat_map(|(_, batches, _)| batches).collect()
     }
 
     /// The log's records applied to an empty database.
