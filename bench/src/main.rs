@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::client::{Client, Received};
-use crate::server::{own_cpu_secs, Server};
+use crate::server::{own_cpu, Server};
 
 #[derive(Parser)]
 #[command(name = "sio-push-bench", about = "Load generator for sio-push")]
@@ -198,12 +198,17 @@ fn raise_fd_limit() {
 fn cpu_by_thread_since(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> serde_json::Value {
     let spent = after.iter().filter_map(|(name, secs)| {
         let secs = secs - before.get(name).unwrap_or(&0.0);
-        (secs > 0.0).then(|| (name.clone(), serde_json::Value::from((secs * 1000.0).round() / 1000.0)))
+        (secs > 0.0).then(|| (name.clone(), serde_json::Value::from(self::secs(secs))))
     });
     serde_json::Value::Object(spent.collect())
 }
 
 /// The `p` quantile of sorted durations, in milliseconds to two decimals.
+/// Seconds rounded to milliseconds, for the JSON line.
+fn secs(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -248,7 +253,7 @@ async fn connect(
     let server = Server::start(&common.server_bin).await?;
     let (rss_before, cpu_before, threads_before) =
         (server.rss_kib()?, server.cpu_secs()?, server.cpu_secs_by_thread()?);
-    let own_before = own_cpu_secs()?;
+    let own_before = own_cpu()?;
     let started = Instant::now();
     let (clients, mut times) = open_clients(&server, n, concurrency, None).await?;
     let elapsed = started.elapsed();
@@ -256,7 +261,7 @@ async fn connect(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_after, cpu_after) = (server.rss_kib()?, server.cpu_secs()?);
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
-    let own = own_cpu_secs()? - own_before; // its clients and the mock auth endpoint
+    let own = (own_cpu()? - own_before).total(); // its clients and the mock auth endpoint
     times.sort();
     let figures = json!({
         "clients": n,
@@ -267,9 +272,9 @@ async fn connect(
         "server_rss_kib_before": rss_before,
         "server_rss_kib_after": rss_after,
         "server_kib_per_connection": ((rss_after as f64 - rss_before as f64) / n as f64 * 10.0).round() / 10.0,
-        "server_cpu_ms_per_connect": ((cpu_after - cpu_before) * 1000.0 / n as f64 * 1000.0).round() / 1000.0,
+        "server_cpu_ms_per_connect": secs((cpu_after - cpu_before) * 1000.0 / n as f64),
         "server_cpu_secs_by_thread": threads,
-        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
+        "generator_cpu_secs": secs(own),
     });
     drop(clients);
     server.stop().await?;
@@ -286,8 +291,8 @@ async fn unicast(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
-    let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
-    let (own_before, rss_before) = (own_cpu_secs()?, server.rss_kib()?);
+    let (cpu_before, threads_before) = (server.cpu()?, server.cpu_secs_by_thread()?);
+    let (own_before, rss_before) = (own_cpu()?, server.rss_kib()?);
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent_at: Vec<std::sync::Mutex<Option<Instant>>> = (0..m).map(|_| std::sync::Mutex::new(None)).collect();
@@ -337,9 +342,9 @@ async fn unicast(
     };
     // Acks travel after receipt: give the server a moment to record them before reading its CPU.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu = server.cpu_secs()? - cpu_before;
+    let cpu = server.cpu()? - cpu_before;
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
-    let (own, rss_after) = (own_cpu_secs()? - own_before, server.rss_kib()?);
+    let (own, rss_after) = (own_cpu()? - own_before, server.rss_kib()?);
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     latencies.sort();
     let figures = json!({
@@ -351,10 +356,12 @@ async fn unicast(
         "latency_ms_p50": percentile(&latencies, 0.5),
         "latency_ms_p99": percentile(&latencies, 0.99),
         "latency_ms_max": percentile(&latencies, 1.0),
-        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
-        "server_cpu_ms_per_message": (cpu * 1000.0 / m as f64 * 1000.0).round() / 1000.0,
+        "server_cpu_secs": secs(cpu.total()),
+        "server_kernel_cpu_secs": secs(cpu.system),
+        "server_cpu_ms_per_message": secs(cpu.total() * 1000.0 / m as f64),
         "server_cpu_secs_by_thread": threads,
-        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
+        "generator_cpu_secs": secs(own.total()),
+        "generator_kernel_cpu_secs": secs(own.system),
         "server_rss_kib_before": rss_before,
         "server_rss_kib_after": rss_after,
         "lost": m - counts.len(),
@@ -377,8 +384,8 @@ async fn fanout(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::new();
-    let (cpu_before, threads_before) = (server.cpu_secs()?, server.cpu_secs_by_thread()?);
-    let own_before = own_cpu_secs()?;
+    let (cpu_before, threads_before) = (server.cpu()?, server.cpu_secs_by_thread()?);
+    let own_before = own_cpu()?;
     let started = Instant::now();
     let mut reach = Vec::with_capacity(rounds);
     for round in 0..rounds {
@@ -398,12 +405,12 @@ async fn fanout(
         reach.push(last.saturating_duration_since(posted));
     }
     let elapsed = started.elapsed();
-    let cpu = server.cpu_secs()? - cpu_before;
+    let cpu = server.cpu()? - cpu_before;
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
-    let own = own_cpu_secs()? - own_before;
+    let own = own_cpu()? - own_before;
     // No backlog: how busy the server still is in the second after the last delivery.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu_after = server.cpu_secs()? - cpu_before - cpu;
+    let cpu_after = (server.cpu()? - cpu_before - cpu).total();
     reach.sort();
     let figures = json!({
         "clients": n,
@@ -411,10 +418,12 @@ async fn fanout(
         "deliveries_per_sec": ((n * rounds) as f64 / elapsed.as_secs_f64()).round(),
         "last_device_ms_p50": percentile(&reach, 0.5),
         "last_device_ms_max": percentile(&reach, 1.0),
-        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
-        "server_cpu_secs_in_the_second_after": (cpu_after * 1000.0).round() / 1000.0,
+        "server_cpu_secs": secs(cpu.total()),
+        "server_kernel_cpu_secs": secs(cpu.system),
+        "server_cpu_secs_in_the_second_after": secs(cpu_after),
         "server_cpu_secs_by_thread": threads,
-        "generator_cpu_secs": (own * 1000.0).round() / 1000.0,
+        "generator_cpu_secs": secs(own.total()),
+        "generator_kernel_cpu_secs": secs(own.system),
     });
     drop(clients);
     server.stop().await?;
@@ -463,7 +472,7 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
         "devices": n,
         "messages_per_device": k,
         "ms_until_every_batch": (elapsed.as_secs_f64() * 100_000.0).round() / 100.0,
-        "server_cpu_secs": (cpu * 1000.0).round() / 1000.0,
+        "server_cpu_secs": secs(cpu),
     });
     drop(clients);
     server.stop().await?;

@@ -102,6 +102,11 @@ impl Server {
 
     /// The server's user + system CPU time so far, in seconds.
     pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        Ok(self.cpu()?.total())
+    }
+
+    /// The server's user and system CPU time so far.
+    pub fn cpu(&self) -> anyhow::Result<Cpu> {
         Ok(cpu_of(&std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?)?.1)
     }
 
@@ -111,8 +116,8 @@ impl Server {
         let mut out = BTreeMap::new();
         for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
             let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else { continue };
-            let (name, secs) = cpu_of(&stat)?;
-            *out.entry(name).or_default() += secs;
+            let (name, cpu) = cpu_of(&stat)?;
+            *out.entry(name).or_default() += cpu.total();
         }
         Ok(out)
     }
@@ -139,20 +144,42 @@ impl Server {
     }
 }
 
-/// This process's (the load generator's) user + system CPU time so far, in seconds: the other
-/// half of the two cores' work in a run.
-pub fn own_cpu_secs() -> anyhow::Result<f64> {
+/// This process's (the load generator's) user and system CPU time so far: the other half of the
+/// two cores' work in a run.
+pub fn own_cpu() -> anyhow::Result<Cpu> {
     Ok(cpu_of(&std::fs::read_to_string("/proc/self/stat")?)?.1)
 }
 
-/// The command (thread) name and user + system CPU seconds in a `/proc/.../stat` line.
-fn cpu_of(stat: &str) -> anyhow::Result<(String, f64)> {
+/// CPU time in seconds: in the process itself (user) and in the kernel on its behalf (system:
+/// its syscalls, and over loopback also the receiving side's TCP work that runs in them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl Cpu {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+
+    fn sub(self, earlier: Cpu) -> Cpu {
+        Cpu { user: self.user - earlier.user, system: self.system - earlier.system }
+    }
+}
+
+/// The command (thread) name and CPU time in a `/proc/.../stat` line.
+fn cpu_of(stat: &str) -> anyhow::Result<(String, Cpu)> {
     let (head, after) = stat.rsplit_once(')').context("malformed stat")?;
     let name = head.split_once('(').context("malformed stat")?.1.to_string();
     // Fields after the command name (which may hold spaces) start at field 3.
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     // SAFETY: sysconf has no preconditions.
     let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((name, ticks / per_sec))
+    let (user, system) = (fields[11].parse::<f64>()? / per_sec, fields[12].parse::<f64>()? / per_sec);
+    Ok((name, Cpu { user, system }))
 }
