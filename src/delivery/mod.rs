@@ -30,7 +30,7 @@ use crate::store::{
     CheckedAck, DeviceKey, Expiry, Idempotency, MessageId, Millis, QueueLimits, Replay, Store, StoreError,
 };
 
-pub use self::ack::acked;
+pub use self::ack::{acked, AckArgs};
 use self::sockets::{DeviceSockets, Removed};
 
 /// A message accepted by `POST /send`.
@@ -216,7 +216,7 @@ impl Delivery {
         let acks = FuturesUnordered::new();
         for dev in out.devices {
             let Some(socket) = self.live_socket(&dev) else { continue };
-            match socket.emit_with_ack::<_, Value>(&msg.event, &Spread(&msg.args)) {
+            match socket.emit_with_ack::<_, AckArgs>(&msg.event, &Spread(&msg.args)) {
                 Ok(ack) => acks.push(async move { acked(ack).await.then_some((dev, socket)) }),
                 Err(e) => emit_failed(&socket, &dev, &e),
             }
@@ -329,7 +329,7 @@ impl Delivery {
             }
         };
         let ids: Vec<_> = pending.iter().map(|q| q.id).collect();
-        match socket.emit_with_ack::<_, Value>("_batch", &batch) {
+        match socket.emit_with_ack::<_, AckArgs>("_batch", &batch) {
             Ok(ack) => {
                 tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, messages = ids.len(), "_batch sent");
                 metrics::delivered_batch(&dev.site, ids.len() as u64);
