@@ -193,7 +193,8 @@ impl Delivery {
         }
         // Outside reliable mode this stores only the idempotency key.
         let limits = self.settings.queue_limits;
-        let out = self.store.enqueue(&site.name, &users, entry, expiry, limits, idempotency).await?;
+        let targets = users.len();
+        let out = self.store.enqueue(&site.name, users, entry, expiry, limits, idempotency).await?;
         match out.replay {
             Some(Replay::Same) => {
                 tracing::info!(site = %site.name, event = %msg.event, "retry with a known Idempotency-Key: nothing done");
@@ -227,25 +228,28 @@ impl Delivery {
             tokio::spawn(ack.record_as_they_come(acks));
         }
         metrics::delivered_live(&site.name, live as u64);
-        tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = users.len(), stored, live, "message stored");
+        tracing::info!(site = %site.name, event = %msg.event, id = out.id, users = targets, stored, live, "message stored");
         Ok(Sent { stored, live, replayed: false })
     }
 
-    /// The user rooms a message goes to: its user rooms, and the users of its shared rooms.
+    /// The user rooms a message goes to: its user rooms, and the users of its shared rooms,
+    /// each once, in the order first named.
     async fn targets(&self, site: &SiteConfig, rooms: &[String]) -> Result<Vec<String>, StoreError> {
-        let mut seen = HashSet::new();
         let mut users = Vec::new();
         for room in rooms {
-            let found = if site.is_user_room(room) {
-                vec![room.clone()]
+            if site.is_user_room(room) {
+                users.push(room.clone());
             } else {
-                self.store.users_in_room(&site.name, room).await?
-            };
-            for user in found {
-                if seen.insert(user.clone()) {
-                    users.push(user);
-                }
+                users.extend(self.store.users_in_room(&site.name, room).await?);
             }
+        }
+        // One room names each user once: only several can repeat one. (A fan-out to one big room
+        // skips hashing every user.)
+        if rooms.len() > 1 {
+            let mut seen = HashSet::with_capacity(users.len());
+            let first: Vec<bool> = users.iter().map(|u| seen.insert(u.as_str())).collect();
+            let mut first = first.into_iter();
+            users.retain(|_| first.next().unwrap_or(false));
         }
         Ok(users)
     }
@@ -408,7 +412,8 @@ impl LiveAck {
         while let Some(first) = acks.next().await {
             // With the acks that have arrived meanwhile. (`now_or_never` polls with a no-op
             // waker; the `.await` above registers the task's again before it waits.)
-            let mut group: Vec<(DeviceKey, SocketRef)> = first.into_iter().collect();
+            let mut group = Vec::with_capacity((acks.len() + 1).min(ACK_GROUP));
+            group.extend(first);
             while group.len() < ACK_GROUP {
                 match acks.next().now_or_never() {
                     Some(Some(more)) => group.extend(more),

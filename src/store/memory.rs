@@ -131,7 +131,7 @@ impl Store for MemoryStore {
     async fn enqueue(
         &self,
         site: &str,
-        users: &[String],
+        users: Vec<String>,
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,
@@ -148,7 +148,7 @@ impl Store for MemoryStore {
         let id = state.next_id;
         state.next_id += 1;
         let mut out = Enqueued { id, ..Enqueued::default() };
-        for user in users {
+        for user in &users {
             for dev in state.devices_of(site, user) {
                 if expiry.is_expired(&state.devices[&dev]) {
                     state.forget(&dev);

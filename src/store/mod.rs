@@ -276,7 +276,7 @@ pub trait Store: Send + Sync + 'static {
     async fn enqueue(
         &self,
         site: &str,
-        users: &[String],
+        users: Vec<String>,
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,

@@ -813,13 +813,13 @@ impl Store for SledStore {
     async fn enqueue(
         &self,
         site: &str,
-        users: &[String],
+        users: Vec<String>,
         entry: Arc<str>,
         expiry: Expiry,
         limits: QueueLimits,
         idempotency: Option<Idempotency>,
     ) -> Result<Enqueued, StoreError> {
-        let (site, users) = (site.to_owned(), users.to_vec());
+        let site = site.to_owned();
         self.job(Durability::Synced, move |w| {
             w.space.check()?;
             let mut batch = Changes::default();

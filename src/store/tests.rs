@@ -28,7 +28,7 @@ fn at(now: Millis) -> Expiry {
 }
 
 async fn send(store: &impl Store, to: &[&str], text: &str, now: Millis) -> Enqueued {
-    store.enqueue("site", &users(to), entry(text), at(now), QueueLimits::default(), None).await.unwrap()
+    store.enqueue("site", users(to), entry(text), at(now), QueueLimits::default(), None).await.unwrap()
 }
 
 async fn entries(store: &impl Store, device: &DeviceKey) -> Vec<String> {
@@ -142,7 +142,7 @@ async fn each_message_sees_the_devices_as_they_are_now(store: impl Store) {
     store.connect(&a, &rooms(&["user_1"])).await.unwrap();
     let one = QueueLimits { max_len: 1, max_bytes: 1 << 20 };
     for text in ["[8]", "[9]"] {
-        store.enqueue("site", &users(&["user_1"]), entry(text), at(5 * HOUR), one, None).await.unwrap();
+        store.enqueue("site", users(&["user_1"]), entry(text), at(5 * HOUR), one, None).await.unwrap();
     }
     assert!(store.device(&a).await.unwrap().unwrap().overflowed);
     assert!(store.connect(&a, &rooms(&["user_1"])).await.unwrap().overflowed);
@@ -155,7 +155,7 @@ async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store
     store.disconnect(&b, 0).await.unwrap();
     let forever = Expiry { now: 100 * HOUR, ttl_ms: 0 };
     let out = store
-        .enqueue("site", &users(&["user_1", "user_2"]), entry("[1]"), forever, QueueLimits::default(), None)
+        .enqueue("site", users(&["user_1", "user_2"]), entry("[1]"), forever, QueueLimits::default(), None)
         .await
         .unwrap();
     assert_eq!(out.devices, vec![a.clone(), b.clone()]);
@@ -196,12 +196,12 @@ async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     let limits = QueueLimits { max_len: 2, max_bytes: 1_000 };
     for i in 1..=4 {
         let out =
-            store.enqueue("site", &users(&["user_1"]), entry(&format!("[{i}]")), at(0), limits, None).await.unwrap();
+            store.enqueue("site", users(&["user_1"]), entry(&format!("[{i}]")), at(0), limits, None).await.unwrap();
         assert_eq!(out.overflowed, if i > 2 { vec![(d.clone(), 1)] } else { vec![] });
     }
     assert_eq!(entries(&store, &d).await, ["[3]", "[4]"]);
     let by_bytes = QueueLimits { max_len: 100, max_bytes: 7 };
-    store.enqueue("site", &users(&["user_1"]), entry("[5]"), at(0), by_bytes, None).await.unwrap();
+    store.enqueue("site", users(&["user_1"]), entry("[5]"), at(0), by_bytes, None).await.unwrap();
     assert_eq!(entries(&store, &d).await, ["[4]", "[5]"]);
     let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
     assert!(connected.overflowed);
@@ -270,20 +270,20 @@ async fn a_repeated_idempotency_key_stores_nothing_new_until_it_expires(store: i
     store.connect(&d, &rooms(&["user_1"])).await.unwrap();
     let key = |fingerprint| Some(Idempotency { key: "k-1".into(), fingerprint, expires_at: 100 });
     let limits = QueueLimits::default();
-    let first = store.enqueue("site", &users(&["user_1"]), entry("[1]"), at(10), limits, key(7)).await.unwrap();
+    let first = store.enqueue("site", users(&["user_1"]), entry("[1]"), at(10), limits, key(7)).await.unwrap();
     assert_eq!((first.replay, first.devices.len()), (None, 1));
-    let again = store.enqueue("site", &users(&["user_1"]), entry("[1]"), at(20), limits, key(7)).await.unwrap();
+    let again = store.enqueue("site", users(&["user_1"]), entry("[1]"), at(20), limits, key(7)).await.unwrap();
     assert_eq!(again.replay, Some(Replay::Same));
     assert!(again.devices.is_empty());
-    let other = store.enqueue("site", &users(&["user_1"]), entry("[2]"), at(30), limits, key(8)).await.unwrap();
+    let other = store.enqueue("site", users(&["user_1"]), entry("[2]"), at(30), limits, key(8)).await.unwrap();
     assert_eq!(other.replay, Some(Replay::Different));
     assert_eq!(entries(&store, &d).await, ["[1]"]);
     // The same key on another site is another key.
-    let elsewhere = store.enqueue("shop", &users(&["user_1"]), entry("[1]"), at(30), limits, key(7)).await.unwrap();
+    let elsewhere = store.enqueue("shop", users(&["user_1"]), entry("[1]"), at(30), limits, key(7)).await.unwrap();
     assert_eq!(elsewhere.replay, None);
     // Swept once expired, the key may be used again.
     store.sweep(at(100)).await.unwrap();
-    let later = store.enqueue("site", &users(&["user_1"]), entry("[3]"), at(101), limits, key(7)).await.unwrap();
+    let later = store.enqueue("site", users(&["user_1"]), entry("[3]"), at(101), limits, key(7)).await.unwrap();
     assert_eq!(later.replay, None);
     assert_eq!(entries(&store, &d).await, ["[1]", "[3]"]);
 }
@@ -298,7 +298,7 @@ async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {
         let store = &store;
         async move {
             store
-                .enqueue("site", &users(&["user_1", "user_2"]), entry(&text), at(0), QueueLimits::default(), None)
+                .enqueue("site", users(&["user_1", "user_2"]), entry(&text), at(0), QueueLimits::default(), None)
                 .await
                 .unwrap()
         }
@@ -499,7 +499,7 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
                         users(&[&format!("user_{}", i % 6)])
                     };
                     let text = format!("[{round},{i}]");
-                    let out = store.enqueue("site", &to, entry(&text), at(0), QueueLimits::default(), None).await;
+                    let out = store.enqueue("site", to.clone(), entry(&text), at(0), QueueLimits::default(), None).await;
                     (to, out.unwrap().id)
                 }
             });
