@@ -174,7 +174,10 @@ impl DiskSpace {
         // SAFETY: `dir` is a NUL-terminated path and `stat` a zeroed out-parameter of the right type.
         let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statvfs(self.dir.as_ptr(), &mut stat) } == 0 {
-            self.free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+            // Both are u64 on 64-bit Linux and u32 on some 32-bit targets.
+            #[allow(clippy::useless_conversion)]
+            let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+            self.free = blocks.saturating_mul(size);
         }
     }
 
