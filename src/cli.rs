@@ -36,10 +36,10 @@ pub struct StatusArgs {
     /// Config file to take the admin address and token from [default: /etc/sio-push/config.toml].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Admin API base URL [default: from [admin] listen].
+    /// Admin API base URL [default: admin.listen in the config].
     #[arg(long, value_name = "URL")]
     pub admin_url: Option<String>,
-    /// Admin token [default: from [admin] token].
+    /// Admin token [default: admin.token in the config].
     #[arg(long, env = "SIO_PUSH_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -65,7 +65,7 @@ pub struct SendArgs {
     /// Config file to take the address and the site's API key from [default: /etc/sio-push/config.toml].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Base URL of the service [default: from [server] listen].
+    /// Base URL of the service [default: server.listen in the config].
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// The site's API key [default: from the config].
