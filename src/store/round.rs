@@ -192,8 +192,13 @@ impl Pending {
     }
 
     /// A prefix scan of `base` (which holds only keys with `prefix`) with these changes over it.
+    /// Without changes under `prefix`, that is `base` itself: most scans (a room's members, a
+    /// queue nothing was added to since the checkpoint) pass through three of these layers.
     pub fn scan_over<'a>(&'a self, base: Scan<'a>, prefix: &[u8]) -> Scan<'a> {
         let changes = self.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));
+        if !changes.clone().next().is_some_and(|(k, _)| k.starts_with(prefix)) {
+            return base;
+        }
         let prefix = prefix.to_vec();
         Box::new(Merge {
             base: base.peekable(),
