@@ -138,8 +138,9 @@ pub(super) fn parse_device(key: &[u8]) -> Option<DeviceKey> {
     }
 }
 
-/// The `devices_of` prefix of a device key: its kind, site and user room.
-pub(super) fn owner_of_device(key: &[u8]) -> Option<&[u8]> {
+/// A key up to the end of its second part: a device key's `devices_of` prefix (kind, site, user
+/// room), a shared-room key's `room_members` prefix (kind, site, room).
+pub(super) fn two_part_prefix(key: &[u8]) -> Option<&[u8]> {
     let mut at = 1;
     for _ in 0..2 {
         let len = u16::from_be_bytes([*key.get(at)?, *key.get(at + 1)?]) as usize;
@@ -179,12 +180,14 @@ mod tests {
     }
 
     #[test]
-    fn a_device_key_names_its_owner_prefix() {
+    fn device_and_room_keys_name_their_group_prefix() {
         for (site, user, device) in [("s", "user_1", "d"), ("", "", ""), ("a\0b", "ü", "x")] {
             let key = device_key(&DeviceKey::new(site, user, device));
-            assert_eq!(owner_of_device(&key), Some(devices_of(site, user).unwrap().as_slice()));
+            assert_eq!(two_part_prefix(&key), Some(devices_of(site, user).unwrap().as_slice()));
+            let key = room(site, "Staff", user).unwrap();
+            assert_eq!(two_part_prefix(&key), Some(room_members(site, "staff").unwrap().as_slice()));
         }
-        assert_eq!(owner_of_device(&[DEVICE, 0]), None);
+        assert_eq!(two_part_prefix(&[DEVICE, 0]), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! and releases the sealed file once sled holds them durably. One writer also keeps sled 0.34
 //! away from its deadlock under concurrent `flush_async` calls (sled#1308).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -41,6 +41,8 @@ const ID_BLOCK: u64 = 1 << 20;
 const CHECKPOINT_STEP: usize = 256;
 /// Most user rooms whose devices the writer keeps in memory; past it, it starts over.
 const MAX_CACHED_USERS: usize = 100_000;
+/// Most shared-room members the writer keeps in memory, over all rooms; past it, it starts over.
+const MAX_CACHED_MEMBERS: usize = 1_000_000;
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -109,6 +111,10 @@ struct Writer {
     /// read once instead of scanned and decoded for every message. Any change of a device key
     /// drops its user's entry (in `apply`); cleared with `counts`.
     devices: HashMap<Vec<u8>, Arc<[UserDevice]>>,
+    /// Each shared room's members, as a message to the room needs them: read once instead of
+    /// scanned for every message (sled's iterator costs more per item than the rest of a
+    /// delivery's storage). Any change of one of its keys drops the room's entry (in `apply`).
+    members: Members,
     wal: Wal,
     /// When the last checkpoint began.
     checkpointed: std::time::Instant,
@@ -297,6 +303,7 @@ impl SledStore {
             ids: Ids { next: reserved, reserved, durable: reserved },
             counts: HashMap::new(),
             devices: HashMap::new(),
+            members: Members::default(),
             db,
             tree,
             pending: Pending::default(),
@@ -550,10 +557,10 @@ impl Writer {
     /// Applies one job's atomic set of changes to the current round.
     fn apply(&mut self, changes: Changes) {
         for (key, _) in &changes.0 {
-            if key.first() == Some(&keys::DEVICE) {
-                if let Some(owner) = keys::owner_of_device(key) {
-                    self.devices.remove(owner);
-                }
+            match (key.first(), keys::two_part_prefix(key)) {
+                (Some(&keys::DEVICE), Some(owner)) => drop(self.devices.remove(owner)),
+                (Some(&keys::ROOM), Some(room)) => self.members.forget(room),
+                _ => {}
             }
         }
         self.wal.log(&changes);
@@ -565,6 +572,25 @@ impl Writer {
     fn forget_caches(&mut self) {
         self.counts.clear();
         self.devices.clear();
+        self.members = Members::default();
+    }
+
+    /// The users of a shared room, by its `room_members` prefix.
+    fn room_members(&mut self, prefix: &[u8]) -> Result<Arc<[String]>, StoreError> {
+        if let Some(users) = self.members.rooms.get(prefix) {
+            return Ok(users.clone());
+        }
+        let users = self
+            .scan(prefix)
+            .map(|item| {
+                let (k, _) = item?;
+                keys::parts(&k)
+                    .and_then(|p| p.get(2).map(|u| u.to_string()))
+                    .ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })
+            })
+            .collect::<Result<Arc<[String]>, _>>()?;
+        self.members.keep(prefix, users.clone());
+        Ok(users)
     }
 
     /// The devices of a user room, read from the tree once and then kept until one changes.
@@ -660,6 +686,33 @@ impl Writer {
     }
 }
 
+/// The writer's copy of shared rooms' members (`Writer::room_members`), bounded by their total.
+#[derive(Default)]
+struct Members {
+    rooms: HashMap<Vec<u8>, Arc<[String]>>,
+    /// Users over all rooms kept.
+    total: usize,
+}
+
+impl Members {
+    fn keep(&mut self, prefix: &[u8], users: Arc<[String]>) {
+        if self.total + users.len() > MAX_CACHED_MEMBERS {
+            *self = Members::default();
+            if users.len() > MAX_CACHED_MEMBERS {
+                return;
+            }
+        }
+        self.total += users.len();
+        self.rooms.insert(prefix.to_vec(), users);
+    }
+
+    fn forget(&mut self, prefix: &[u8]) {
+        if let Some(users) = self.rooms.remove(prefix) {
+            self.total -= users.len();
+        }
+    }
+}
+
 /// What came for the writer.
 enum Next {
     Job(Job),
@@ -747,12 +800,17 @@ impl Store for SledStore {
             let overflowed = std::mem::take(&mut state.overflowed);
             state.connected = true;
 
+            // Only the shared-room keys that change: most connects name the same rooms again.
+            let room_keys = |list: &[String]| -> Result<BTreeSet<Vec<u8>>, StoreError> {
+                list.iter().map(|room| keys::room(&device.site, room, &device.user)).collect()
+            };
+            let (old_keys, new_keys) = (room_keys(&old_rooms)?, room_keys(&rooms)?);
             let mut batch = Changes::default();
-            for room in &old_rooms {
-                batch.remove(keys::room(&device.site, room, &device.user)?);
+            for gone in old_keys.difference(&new_keys) {
+                batch.remove(gone.clone());
             }
-            for room in &rooms {
-                batch.insert(keys::room(&device.site, room, &device.user)?, []);
+            for added in new_keys.difference(&old_keys) {
+                batch.insert(added.clone(), []);
             }
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
@@ -800,17 +858,7 @@ impl Store for SledStore {
 
     async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
         let prefix = keys::room_members(site, room)?;
-        self.job(Durability::Written, move |w| {
-            w.scan(&prefix)
-                .map(|item| {
-                    let (k, _) = item?;
-                    keys::parts(&k)
-                        .and_then(|p| p.get(2).map(|u| u.to_string()))
-                        .ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })
-                })
-                .collect()
-        })
-        .await
+        self.job(Durability::Written, move |w| Ok(w.room_members(&prefix)?.to_vec())).await
     }
 
     async fn enqueue(

@@ -190,6 +190,36 @@ async fn shared_rooms_match_case_insensitively_and_follow_the_latest_list(store:
     assert!(store.users_in_room("other-site", "staff").await.unwrap().is_empty());
 }
 
+/// Every change of a shared room's members counts for the very next message: a store that
+/// keeps a room's members in memory must drop them whenever one joins or leaves.
+async fn each_message_sees_the_room_members_as_they_are_now(store: impl Store) {
+    async fn staff(store: &impl Store) -> Vec<String> {
+        let mut users = store.users_in_room("site", "staff").await.unwrap();
+        users.sort();
+        users
+    }
+    let (one, two) = (dev("user_1", "a"), dev("user_2", "a"));
+    assert!(staff(&store).await.is_empty());
+    store.connect(&one, &rooms(&["user_1", "Staff"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1"]);
+    store.connect(&two, &rooms(&["user_2", "staff"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1", "user_2"]);
+    // The same rooms again, in another case: nothing changes.
+    store.connect(&one, &rooms(&["STAFF", "user_1"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1", "user_2"]);
+    // A user's latest list replaces the earlier one, whichever device sent it.
+    store.connect(&dev("user_2", "b"), &rooms(&["user_2"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1"]);
+    store.connect(&two, &rooms(&["user_2", "staff"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1", "user_2"]);
+    // A forgotten user leaves its rooms.
+    store.disconnect(&one, 0).await.unwrap();
+    assert_eq!(store.sweep(at(HOUR + 1)).await.unwrap(), vec![one.clone()]);
+    assert_eq!(staff(&store).await, ["user_2"]);
+    store.connect(&one, &rooms(&["user_1", "staff"])).await.unwrap();
+    assert_eq!(staff(&store).await, ["user_1", "user_2"]);
+}
+
 async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     let d = dev("user_1", "a");
     store.connect(&d, &rooms(&["user_1"])).await.unwrap();
@@ -355,6 +385,7 @@ conformance!(
     connected_devices_never_expire_and_ttl_zero_keeps_all,
     sweeping_the_last_device_forgets_the_user,
     shared_rooms_match_case_insensitively_and_follow_the_latest_list,
+    each_message_sees_the_room_members_as_they_are_now,
     full_queues_drop_their_oldest_and_flag_the_device,
     disconnect_all_starts_every_connected_clock,
     unknown_devices_are_ignored,
