@@ -572,7 +572,7 @@ impl Writer {
     fn forget_caches(&mut self) {
         self.counts.clear();
         self.devices.clear();
-        self.members = Members::default();
+        self.members.clear();
     }
 
     /// The users of a shared room, by its `room_members` prefix.
@@ -686,30 +686,48 @@ impl Writer {
     }
 }
 
-/// The writer's copy of shared rooms' members (`Writer::room_members`), bounded by their total.
-#[derive(Default)]
+/// The writer's copy of shared rooms' members (`Writer::room_members`), bounded by their total:
+/// a room counts as at least one, so that rooms without members cannot pile up either.
 struct Members {
     rooms: HashMap<Vec<u8>, Arc<[String]>>,
-    /// Users over all rooms kept.
+    /// Users (or 1 for a room without any) over all rooms kept.
     total: usize,
+    limit: usize,
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Self::with_limit(MAX_CACHED_MEMBERS)
+    }
 }
 
 impl Members {
+    fn with_limit(limit: usize) -> Self {
+        Self { rooms: HashMap::new(), total: 0, limit }
+    }
+
     fn keep(&mut self, prefix: &[u8], users: Arc<[String]>) {
-        if self.total + users.len() > MAX_CACHED_MEMBERS {
-            *self = Members::default();
-            if users.len() > MAX_CACHED_MEMBERS {
+        let weight = users.len().max(1);
+        if self.total + weight > self.limit {
+            *self = Self::with_limit(self.limit);
+            if weight > self.limit {
                 return;
             }
         }
-        self.total += users.len();
-        self.rooms.insert(prefix.to_vec(), users);
+        self.total += weight;
+        if let Some(earlier) = self.rooms.insert(prefix.to_vec(), users) {
+            self.total -= earlier.len().max(1);
+        }
     }
 
     fn forget(&mut self, prefix: &[u8]) {
         if let Some(users) = self.rooms.remove(prefix) {
-            self.total -= users.len();
+            self.total -= users.len().max(1);
         }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::with_limit(self.limit);
     }
 }
 
@@ -1077,5 +1095,34 @@ impl Store for SledStore {
 
     fn is_open(&self) -> bool {
         !self.jobs.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_room_members_stay_within_their_bound() {
+        let users = |n: usize| -> Arc<[String]> { (0..n).map(|i| format!("user_{i}")).collect() };
+        let mut members = Members::with_limit(10);
+        members.keep(b"a", users(4));
+        members.keep(b"b", users(0)); // counts as one
+        members.keep(b"a", users(5)); // replaces the 4
+        assert_eq!((members.rooms.len(), members.total), (2, 6));
+        members.forget(b"a");
+        assert_eq!((members.rooms.len(), members.total), (1, 1));
+        // Rooms without members cannot pile up past the bound.
+        for i in 0..100u32 {
+            members.keep(&i.to_be_bytes(), users(0));
+            assert!(members.total <= 10 && members.rooms.len() <= 10);
+        }
+        // Past the bound it starts over; a room larger than the bound is not kept at all.
+        members.keep(b"big", users(11));
+        assert!(members.rooms.is_empty() && members.total == 0);
+        members.keep(b"c", users(10));
+        assert_eq!(members.total, 10);
+        members.keep(b"d", users(1));
+        assert_eq!((members.rooms.len(), members.total), (1, 1));
     }
 }
