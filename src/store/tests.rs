@@ -530,7 +530,8 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
                         users(&[&format!("user_{}", i % 6)])
                     };
                     let text = format!("[{round},{i}]");
-                    let out = store.enqueue("site", to.clone(), entry(&text), at(0), QueueLimits::default(), None).await;
+                    let out =
+                        store.enqueue("site", to.clone(), entry(&text), at(0), QueueLimits::default(), None).await;
                     (to, out.unwrap().id)
                 }
             });
