@@ -247,9 +247,7 @@ impl Delivery {
         // skips hashing every user.)
         if rooms.len() > 1 {
             let mut seen = HashSet::with_capacity(users.len());
-            let first: Vec<bool> = users.iter().map(|u| seen.insert(u.as_str())).collect();
-            let mut first = first.into_iter();
-            users.retain(|_| first.next().unwrap_or(false));
+            users.retain(|user| seen.insert(user.clone()));
         }
         Ok(users)
     }

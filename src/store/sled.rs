@@ -706,23 +706,27 @@ impl Members {
         Self { rooms: HashMap::new(), total: 0, limit }
     }
 
+    /// What a room counts for.
+    fn weight(users: &[String]) -> usize {
+        users.len().max(1)
+    }
+
     fn keep(&mut self, prefix: &[u8], users: Arc<[String]>) {
-        let weight = users.len().max(1);
+        self.forget(prefix);
+        let weight = Self::weight(&users);
         if self.total + weight > self.limit {
-            *self = Self::with_limit(self.limit);
+            self.clear();
             if weight > self.limit {
                 return;
             }
         }
         self.total += weight;
-        if let Some(earlier) = self.rooms.insert(prefix.to_vec(), users) {
-            self.total -= earlier.len().max(1);
-        }
+        self.rooms.insert(prefix.to_vec(), users);
     }
 
     fn forget(&mut self, prefix: &[u8]) {
         if let Some(users) = self.rooms.remove(prefix) {
-            self.total -= users.len().max(1);
+            self.total -= Self::weight(&users);
         }
     }
 
