@@ -159,9 +159,9 @@ pub struct SiteConfig {
     pub update_user_url: Option<String>,
     /// A room treated as one anonymous shared user.
     pub public_channel: Option<String>,
-    /// Sustained `POST /send` requests per second; 0 means no limit.
+    /// Sustained `POST /send` requests per second; 0 (the default) means no limit.
     pub rate_limit_per_sec: u32,
-    /// Requests allowed in a burst above the sustained rate.
+    /// Requests allowed in a burst above the sustained rate (default: twice the rate).
     pub rate_limit_burst: u32,
     /// Origins browsers may connect from (`Origin` header); empty means any.
     pub allowed_origins: Vec<String>,
@@ -288,14 +288,19 @@ impl Default for RawServer {
             ephemeral: false,
             device_ttl_secs: 3600,
             ping_interval_ms: 25_000,
-            ping_timeout_ms: 20_000,
+            // socket.io 1.x's default, which the old service ran with.
+            ping_timeout_ms: 60_000,
             ack_timeout_secs: 300,
-            max_buffer_packets: 128,
-            max_sockets_per_device: 8,
+            // A long-polling client takes what was buffered once per round trip: a burst of a few
+            // hundred messages to one user must not count as a client that stopped reading.
+            max_buffer_packets: 1024,
+            // One device id in every tab of a browser: generous for tabs, bounded for loops.
+            max_sockets_per_device: 32,
             auth_timeout_ms: 10_000,
             callback_timeout_ms: 10_000,
             max_body_bytes: 1024 * 1024,
-            max_rooms_per_request: 1_000,
+            // The old service's 100 KB body held up to about 10,000 short room names.
+            max_rooms_per_request: 10_000,
             max_message_bytes: 512 * 1024,
             idempotency_window_secs: 24 * 3600,
             max_queue_len: queue.max_len,
@@ -325,20 +330,12 @@ struct RawSite {
     update_user_url: Option<String>,
     #[serde(default)]
     public_channel: Option<String>,
-    #[serde(default = "default_rate")]
+    #[serde(default)]
     rate_limit_per_sec: u32,
-    #[serde(default = "default_burst")]
-    rate_limit_burst: u32,
+    #[serde(default)]
+    rate_limit_burst: Option<u32>,
     #[serde(default)]
     allowed_origins: Vec<String>,
-}
-
-fn default_rate() -> u32 {
-    1000
-}
-
-fn default_burst() -> u32 {
-    2000
 }
 
 fn default_auth_scheme() -> String {
@@ -528,7 +525,8 @@ fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> 
         update_user_url: non_empty(raw.update_user_url),
         public_channel: non_empty(raw.public_channel),
         rate_limit_per_sec: raw.rate_limit_per_sec,
-        rate_limit_burst: raw.rate_limit_burst.max(1),
+        // Unset: two seconds' worth, so that a site at its limit still absorbs a short peak.
+        rate_limit_burst: raw.rate_limit_burst.unwrap_or(raw.rate_limit_per_sec.saturating_mul(2)).max(1),
         allowed_origins,
     })
 }

@@ -153,8 +153,14 @@ fn site_limits_and_origins_have_defaults_and_are_checked() {
     let site = "[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"k\"\n";
     let config = Config::from_toml(site).unwrap();
     let a = &config.sites["a"];
-    assert_eq!((a.rate_limit_per_sec, a.rate_limit_burst), (1000, 2000));
+    // Off unless configured: the old service had no rate limit (PROTOCOL.md, Part B).
+    assert_eq!(a.rate_limit_per_sec, 0);
     assert!(a.allowed_origins.is_empty());
+    let limited = |extra: &str| Config::from_toml(&format!("{site}{extra}")).unwrap().sites["a"].clone();
+    let a = limited("rate_limit_per_sec = 100\n");
+    assert_eq!((a.rate_limit_per_sec, a.rate_limit_burst), (100, 200));
+    let a = limited("rate_limit_per_sec = 100\nrate_limit_burst = 5\n");
+    assert_eq!((a.rate_limit_per_sec, a.rate_limit_burst), (100, 5));
     let config = Config::from_toml(&format!(
         "{site}allowed_origins = [\"https://shop.example\", \"http://localhost:3000/\"]\nrate_limit_per_sec = 0\n"
     ))

@@ -176,6 +176,34 @@ export async function send(server, { site = "shop", apiKey = "secret-key", resyn
 }
 
 /**
+ * A website that posts fast: keep-alive connections with Nagle off, as a busy backend's HTTP
+ * client would (`fetch` above manages a few hundred requests a second here). `post(body)`
+ * resolves with the status; `close()` drops the connections.
+ */
+export function busyWebsite(server, { site = "shop", apiKey = "secret-key", connections = 50 } = {}) {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: connections });
+  const post = (body) =>
+    new Promise((resolve, reject) => {
+      const data = JSON.stringify(body);
+      const req = http.request(
+        {
+          host: "127.0.0.1",
+          port: server.port,
+          path: `/send?site=${site}&apiKey=${apiKey}`,
+          method: "POST",
+          agent,
+          headers: { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(data) },
+        },
+        (res) => (res.resume(), res.on("end", () => resolve(res.statusCode))),
+      );
+      req.on("socket", (socket) => socket.setNoDelay(true));
+      req.on("error", reject);
+      req.end(data);
+    });
+  return { post, close: () => agent.destroy() };
+}
+
+/**
  * A socket.io client of `version`, connected to `/<site>?token=..&deviceId=..&meta=..` the way
  * the old service's README shows. Records every event as [event, ...args, ack?].
  */
@@ -187,10 +215,12 @@ export function client(version, server, { site = "shop", token, deviceId, meta, 
   const url = `${server.url}/${site}?${q}`;
   const opts = { forceNew: true, reconnection: false, ...(transports ? { transports } : {}), ...(extraHeaders ? { extraHeaders } : {}), ...(ca ? { ca } : {}) };
   const socket = clients[version](url, opts);
-  const c = { socket, version, events: [], waiters: [] };
+  // `listeners` see every event as it arrives (to ack it, say), after it is recorded.
+  const c = { socket, version, events: [], waiters: [], listeners: [] };
   const record = (args) => {
     c.events.push(args);
     c.waiters = c.waiters.filter((w) => !(w.pred(args) && (w.resolve(args), true)));
+    for (const listener of [...c.listeners]) listener(args);
   };
   if (version === "v2") {
     socket.onevent = function (packet) {
@@ -234,6 +264,22 @@ export async function ready(version, server, opts) {
   await c.waitFor("_settings");
   return c;
 }
+
+/** Waits (up to `ms`) until `pred()` holds, checking on every event `c` receives. */
+export function until(c, pred, what, ms = WAIT_MS) {
+  if (pred()) return Promise.resolve();
+  return within(
+    new Promise((resolve) => {
+      const check = () => pred() && (c.listeners.splice(c.listeners.indexOf(check), 1), resolve());
+      c.listeners.push(check);
+    }),
+    what,
+    ms,
+  );
+}
+
+/** Every socket.io client generation with each transport a browser or app may end up on. */
+export const COMBOS = VERSIONS.flatMap((version) => [["websocket"], ["polling"]].map((transports) => ({ version, transports })));
 
 /** The ack callback recorded with an event, if any. */
 export function ackOf(args) {
