@@ -240,7 +240,7 @@ pub enum StoreError {
         /// The floor.
         min: u64,
     },
-    /// The store's writer has stopped (shutdown or a crash of its thread).
+    /// The store's writer has stopped (shutdown, a failed sync, or a crash of its thread).
     #[error("the store is closed")]
     Closed,
     /// The data directory was written by an incompatible version.
@@ -319,6 +319,12 @@ pub trait Store: Send + Sync + 'static {
     /// The store accepts writes (for `/readyz`).
     fn is_open(&self) -> bool {
         true
+    }
+
+    /// Why the store stopped for good, if it did (a failed sync, a dead writer): then the
+    /// process must stop too, so that its supervisor restarts it and recovery runs.
+    fn failure(&self) -> Option<String> {
+        None
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use sled::Tree;
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
 use super::round::{Changes, Pending, Scan, View};
-use super::wal::Wal;
+use super::wal::{is_sync_failure, Wal};
 use super::{
     entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
     Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
@@ -52,6 +52,8 @@ pub struct SledStore {
     jobs: mpsc::Sender<Job>,
     /// Closes (errors on `changed`) once the writer thread has flushed and released the database.
     stopped: tokio::sync::watch::Receiver<()>,
+    /// Set, once, when the writer stopped for good: a failed sync or a panic (see `Writer::fail`).
+    failure: Arc<OnceLock<String>>,
 }
 
 /// Work for the writer thread.
@@ -64,7 +66,33 @@ enum Job {
     Stop,
 }
 
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Reply = Box<dyn FnOnce(Result<(), RoundError>) + Send>;
+
+/// Why a round was not committed.
+#[derive(Clone, Debug)]
+enum RoundError {
+    /// The log could not be written: nothing of the round remains (a 507 for a message).
+    Io(String),
+    /// Its sync failed and the store stopped (see [`Writer::fail`]): a 503, like every job after.
+    Stopped(String),
+}
+
+impl From<RoundError> for StoreError {
+    fn from(e: RoundError) -> Self {
+        match e {
+            RoundError::Io(e) => StoreError::Io(e),
+            RoundError::Stopped(_) => StoreError::Closed,
+        }
+    }
+}
+
+impl std::fmt::Display for RoundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundError::Io(e) | RoundError::Stopped(e) => f.write_str(e),
+        }
+    }
+}
 
 /// When a job's caller is answered.
 ///
@@ -122,6 +150,8 @@ struct Writer {
     checkpoint_every: std::time::Duration,
     sync: Sync,
     space: DiskSpace,
+    /// Set when the writer must stop: see [`Writer::fail`].
+    failure: Arc<OnceLock<String>>,
 }
 
 /// Message ids. They must grow with send order across restarts and crashes, and are never used
@@ -247,6 +277,29 @@ impl Sync {
     }
 }
 
+/// Removes the snapshot files sled 0.34 left half-written (`snap.<lsn>.generating`). sled
+/// writes a snapshot under that name, syncs it and renames it; a kill before the rename (during
+/// sled's own recovery, say) leaves it behind, and sled's next open takes it for the newest
+/// snapshot and fails with "Read corrupted data" (sled#1527, #1533). Such a file is never
+/// needed: sled recovers from the previous snapshot and its log, as it would have without it.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Io(format!("cannot read {}: {e}", dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a snapshot file sled left unfinished");
+            std::fs::remove_file(entry.path())
+                .map_err(|e| StoreError::Io(format!("cannot remove {}: {e}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
 /// A sled error as a store error.
 pub(super) fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -268,6 +321,7 @@ impl SledStore {
         min_free_bytes: u64,
         checkpoint_every: std::time::Duration,
     ) -> Result<Self, StoreError> {
+        remove_unfinished_snapshots(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("schema").map_err(io)? {
@@ -315,6 +369,7 @@ impl SledStore {
             checkpoint_every,
             sync: Sync::open(dir)?,
             space: DiskSpace::new(dir, min_free_bytes)?,
+            failure: Arc::new(OnceLock::new()),
         };
         if replayed > 0 {
             writer.checkpoint().map_err(StoreError::Io)?;
@@ -322,14 +377,27 @@ impl SledStore {
         }
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (stopping, stopped) = tokio::sync::watch::channel(());
+        let failure = writer.failure.clone();
         std::thread::Builder::new()
             .name("sio-push-store".into())
             .spawn(move || {
-                writer.run(rx);
+                let failure = writer.failure.clone();
+                // A panic drops the writer (and the job receiver) on the way out: later jobs get
+                // `StoreError::Closed`, and the failure tells the process to stop.
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx))) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let reason = format!("the store's writer thread panicked: {what}");
+                    tracing::error!("{reason}");
+                    let _ = failure.set(reason);
+                }
                 drop(stopping);
             })
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(Self { jobs, stopped })
+        Ok(Self { jobs, stopped, failure })
     }
 
     /// Makes the writer flush everything sent before and exit, and waits for it. Later changes
@@ -339,6 +407,15 @@ impl SledStore {
         let mut stopped = self.stopped.clone();
         let _ = self.jobs.send(Job::Stop).await;
         drop(self);
+        while stopped.changed().await.is_ok() {}
+    }
+
+    /// Makes the writer thread panic, as a bug would, and waits for the thread to end (tests of
+    /// what follows).
+    #[cfg(test)]
+    pub(super) async fn panic_writer(&self) {
+        let _ = self.job(Durability::Written, |_| -> Result<(), StoreError> { panic!("injected") }).await;
+        let mut stopped = self.stopped.clone();
         while stopped.changed().await.is_ok() {}
     }
 
@@ -355,8 +432,8 @@ impl SledStore {
             if result.is_err() {
                 w.forget_caches(); // the job may have counted changes it never applied
             }
-            Box::new(move |flushed: Result<(), String>| {
-                let _ = tx.send(flushed.map_err(StoreError::Io).and(result));
+            Box::new(move |flushed: Result<(), RoundError>| {
+                let _ = tx.send(flushed.map_err(StoreError::from).and(result));
             })
         });
         self.jobs.send(Job::Change { run, durable }).await.map_err(|_| StoreError::Closed)?;
@@ -390,6 +467,9 @@ impl Writer {
         // (and a step after every round, so that it ends under load too); not after a failure.
         let mut step_while_idle = true;
         while !stopping {
+            if self.failure.get().is_some() {
+                return; // see `Writer::fail`: no checkpoint, no final flush
+            }
             let first = match self.checkpoint_wait().filter(|_| step_while_idle) {
                 Some(wait) => match recv_within(&mut rx, wait) {
                     Next::Job(job) => Some(job),
@@ -439,7 +519,10 @@ impl Writer {
                 step_while_idle = self.checkpoint_start();
             }
         }
-        if let Err(e) = self.commit(true).and_then(|()| self.checkpoint()) {
+        if self.failure.get().is_some() {
+            return;
+        }
+        if let Err(e) = self.commit(true).map_err(|e| e.to_string()).and_then(|()| self.checkpoint()) {
             tracing::error!(error.message = %e, "final store checkpoint failed; the write-ahead log is replayed at the next start");
         }
         // `self` (the database) is dropped here, before the caller signals `stopped`.
@@ -448,13 +531,18 @@ impl Writer {
     /// Writes the round to the write-ahead log, syncs the log when `sync` (or when the round
     /// reserves message ids) and adds the round to the pending changes. A round that cannot be
     /// logged is dropped whole: its callers get the error and nothing of it remains.
-    fn commit(&mut self, sync: bool) -> Result<(), String> {
+    fn commit(&mut self, sync: bool) -> Result<(), RoundError> {
         let round = std::mem::take(&mut self.round);
         let sync = sync || self.ids.reserved != self.ids.durable;
         if let Err(e) = self.wal.commit(sync) {
             self.ids.reserved = self.ids.durable;
             self.forget_caches();
-            return Err(format!("cannot write the write-ahead log: {e}"));
+            let error = format!("cannot write the write-ahead log: {e}");
+            if is_sync_failure(&e) {
+                self.fail(error.clone());
+                return Err(RoundError::Stopped(error));
+            }
+            return Err(RoundError::Io(error));
         }
         self.ids.durable = self.ids.reserved;
         self.pending.absorb(round, &mut self.frozen);
@@ -491,6 +579,9 @@ impl Writer {
     fn checkpoint_start(&mut self) -> bool {
         self.checkpointed = std::time::Instant::now();
         if let Err(e) = self.wal.seal() {
+            if is_sync_failure(&e) {
+                self.fail(format!("store checkpoint failed: {e}"));
+            }
             tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
             return false;
         }
@@ -539,7 +630,13 @@ impl Writer {
                 return Ok(());
             }
             self.make_sled_durable()?;
-            self.wal.release().map_err(|e| format!("cannot release the sealed write-ahead log file: {e}"))
+            self.wal.release().map_err(|e| {
+                let error = format!("cannot release the sealed write-ahead log file: {e}");
+                if is_sync_failure(&e) {
+                    self.fail(error.clone());
+                }
+                error
+            })
         });
         if let Err(e) = done {
             tracing::error!(error.message = %e, "store checkpoint failed; the write-ahead log keeps growing");
@@ -548,10 +645,25 @@ impl Writer {
         true
     }
 
-    /// Flushes and syncs what sled was given.
+    /// Flushes and syncs what sled was given. A failure stops the store (see [`Writer::fail`]):
+    /// the sealed log file is then never released, and the next start replays it.
     fn make_sled_durable(&mut self) -> Result<(), String> {
-        self.db.flush().map_err(|e| e.to_string())?;
-        self.sync.sync().map_err(|e| e.to_string())
+        let synced =
+            self.db.flush().map_err(|e| e.to_string()).and_then(|_| self.sync.sync().map_err(|e| e.to_string()));
+        if let Err(e) = &synced {
+            self.fail(format!("cannot make the checkpoint durable in sled: {e}"));
+        }
+        synced
+    }
+
+    /// Stops the store for good after a failed sync. Like PostgreSQL after a failed `fsync`, it
+    /// does not retry and carry on: the kernel may have dropped the pages it could not write, so
+    /// a later sync could succeed without them. The writer answers the round at hand with the
+    /// error, gives sled nothing more and exits; later jobs get `StoreError::Closed` (503); the
+    /// process sees the failure, exits non-zero, and its next start replays the log.
+    fn fail(&mut self, reason: String) {
+        tracing::error!(reason = %reason, "store stopped: nothing more is accepted until a restart replays the write-ahead log");
+        let _ = self.failure.set(reason);
     }
 
     /// Applies one job's atomic set of changes to the current round.
@@ -1099,6 +1211,10 @@ impl Store for SledStore {
 
     fn is_open(&self) -> bool {
         !self.jobs.is_closed()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.get().cloned()
     }
 }
 

@@ -487,6 +487,48 @@ async fn sled_refuses_a_data_dir_of_another_schema() {
     assert!(matches!(err, StoreError::Schema { found: 99, expected: 1 }), "{err}");
 }
 
+/// A writer thread that dies is not survived: the store says why, refuses further work, and
+/// is not ready.
+#[tokio::test]
+async fn sled_reports_a_dead_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    assert_eq!((store.failure(), store.is_open()), (None, true));
+    store.panic_writer().await;
+    let failure = store.failure().expect("a failure is reported");
+    assert!(failure.contains("writer thread panicked: injected"), "{failure}");
+    assert!(!store.is_open());
+    assert!(matches!(store.pending(&d).await, Err(StoreError::Closed)));
+}
+
+/// sled 0.34 takes a snapshot file it left half-written (killed during its own recovery) for
+/// the newest one and cannot open the directory; such files are removed first.
+#[tokio::test]
+async fn sled_opens_a_data_dir_with_an_unfinished_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dev("user_1", "a");
+    let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    send(&store, &["user_1"], "[1]", 0).await;
+    store.close().await;
+    let unfinished = dir.path().join("snap.FFFFFFFFFFFFFF00.generating");
+    std::fs::write(&unfinished, b"half a snapshot").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match SledStore::open(dir.path(), 1 << 20, 0) {
+            // See `sled_refuses_a_data_dir_of_another_schema`: sled's lock outlives its handle.
+            Err(StoreError::Io(e)) if e.contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => break other.expect("opens"),
+        }
+    };
+    assert!(!unfinished.exists());
+    assert_eq!(entries(&store, &d).await, ["[1]"]);
+}
+
 /// Copies the data dir of a running store: what `kill -9` at this moment would leave.
 fn crash_image(dir: &std::path::Path) -> tempfile::TempDir {
     let image = tempfile::tempdir().unwrap();

@@ -167,7 +167,7 @@ impl Wal {
         }
         let active = &mut self.files[self.active];
         if active.unsynced {
-            active.file.sync_data()?;
+            sync_file(&active.file)?;
             active.unsynced = false;
         }
         self.active = 1 - self.active;
@@ -236,7 +236,7 @@ impl LogFile {
             self.unsynced = true;
         }
         if result.is_ok() && sync {
-            result = self.file.sync_data();
+            result = sync_file(&self.file);
             self.unsynced &= result.is_err();
         }
         if result.is_err() && write {
@@ -289,12 +289,37 @@ impl LogFile {
         // The zeroed record header after it marks the end, whatever stale bytes follow.
         self.grow_to(GROW_BY)?;
         self.file.write_all_at(&header, 0)?;
-        self.file.sync_data()?;
+        sync_file(&self.file)?;
         self.generation = Some(generation);
         self.end = FILE_HEADER;
         self.unsynced = false;
         Ok(())
     }
+}
+
+/// A failed `fdatasync` of a log file. The kernel may have dropped the pages it could not write
+/// and reported it once: a later sync can succeed without them, so nothing written since the
+/// last good sync can be trusted to be on disk. The store stops on one (the writer checks with
+/// [`is_sync_failure`]); the next start replays what reached the disk.
+#[derive(Debug)]
+struct SyncFailed(io::Error);
+
+impl std::fmt::Display for SyncFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fdatasync of the write-ahead log failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for SyncFailed {}
+
+/// `fdatasync`, its failure marked as a [`SyncFailed`].
+fn sync_file(file: &File) -> io::Result<()> {
+    file.sync_data().map_err(|e| io::Error::new(e.kind(), SyncFailed(e)))
+}
+
+/// The error is a failed sync of the log: see [`SyncFailed`].
+pub fn is_sync_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<SyncFailed>())
 }
 
 /// The generation (`None`: no header, the first layout), the batches of the complete records of
