@@ -43,6 +43,9 @@ pub enum ApiError {
     /// An `Idempotency-Key` was reused for a different request.
     #[error("{0}")]
     KeyReused(String),
+    /// Carrying out the request failed in a way that does not say whether it took effect.
+    #[error("Internal error; the message may have been stored.")]
+    Internal(String),
     /// The store could not make the message durable. Nothing was answered 200.
     #[error("{}", match .0 {
         StoreError::DiskFull { .. } => "Message not stored: the data disk is almost full.",
@@ -61,6 +64,7 @@ impl From<SendError> for ApiError {
             SendError::TooLarge { .. } => Self::MessageTooLarge(e.to_string()),
             SendError::KeyReused => Self::KeyReused(e.to_string()),
             SendError::Store(e) => Self::Storage(e),
+            SendError::Internal(cause) => Self::Internal(cause),
         }
     }
 }
@@ -76,6 +80,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Storage(StoreError::Io(_) | StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -85,6 +90,8 @@ impl IntoResponse for ApiError {
         let status = self.status();
         if let Self::Storage(cause) = &self {
             tracing::error!(error.message = %cause, error.cause_chain = ?cause, "request failed in the store");
+        } else if let Self::Internal(cause) = &self {
+            tracing::error!(error.message = %cause, "request failed");
         } else {
             tracing::info!(status = status.as_u16(), reason = %self, "request refused");
         }

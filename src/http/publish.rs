@@ -38,7 +38,7 @@ pub async fn send(State(state): State<AppState>, request: Request<Body>) -> Resu
     let msg = parse_message(content_type, &body, resync, state.server.max_rooms_per_request)?;
     let key = idempotency_key(&parts.headers)?
         .map(|key| (key, fingerprint(&[content_type.as_bytes(), &body, &[u8::from(resync)]])));
-    state.delivery.send(&site, &msg, key).await?;
+    state.delivery.send(&site, msg, key).await?;
     crate::metrics::accepted(&site.name, started.elapsed());
     Ok("OK")
 }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
-    Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
+    in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, InOrder, MessageId,
+    Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -92,11 +92,13 @@ impl Store for MemoryStore {
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
         let mut state = self.lock();
         state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
+        let watermark = state.next_id;
         let dev = state.devices.entry(device.clone()).or_default();
         dev.connected = true;
-        let overflowed = std::mem::take(&mut dev.overflowed);
+        let resync = dev.owes_resync();
+        (dev.overflowed, dev.resync_at) = (false, None);
         let pending = state.pending(device);
-        Ok(Connected { pending, overflowed })
+        Ok(Connected { pending, resync, watermark })
     }
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
@@ -182,36 +184,45 @@ impl Store for MemoryStore {
         Ok(self.lock().pending(device))
     }
 
-    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
-        self.lock().remove(device, ids.iter().copied());
-        Ok(())
+    async fn acks(&self, acks: Vec<Ack>) -> Result<Vec<Resync>, StoreError> {
+        let mut state = self.lock();
+        let mut resyncs = Vec::new();
+        for ack in acks {
+            match ack {
+                Ack::Batch { device, ids } => {
+                    state.remove(&device, ids);
+                }
+                Ack::Live { device, id, checked: None } => {
+                    state.remove(&device, [id]);
+                }
+                Ack::Live { device, id, checked: Some(event) } => {
+                    let queue = state.queues.get(&device).into_iter().flat_map(|q| q.values());
+                    match in_order(queue.map(|q| (q.id, &*q.entry)), id, &event) {
+                        InOrder::NotQueued => {}
+                        InOrder::Oldest => {
+                            state.remove(&device, [id]);
+                        }
+                        InOrder::Late(ids) => {
+                            let cleared = state.remove(&device, ids);
+                            let seq = state.next_id;
+                            state.next_id += 1;
+                            if let Some(dev) = state.devices.get_mut(&device) {
+                                dev.resync_at = Some(seq);
+                            }
+                            resyncs.push(Resync { device, event, cleared, seq });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(resyncs)
     }
 
-    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        for device in &devices {
-            state.remove(device, [id]);
+    async fn resync_sent(&self, device: &DeviceKey, seq: MessageId) -> Result<(), StoreError> {
+        if let Some(dev) = self.lock().devices.get_mut(device).filter(|d| d.resync_at == Some(seq)) {
+            dev.resync_at = None;
         }
         Ok(())
-    }
-
-    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
-        let mut state = self.lock();
-        let Some(queue) = state.queues.get(device) else {
-            return Ok(CheckedAck::Removed);
-        };
-        if !queue.contains_key(&id) {
-            return Ok(CheckedAck::Removed);
-        }
-        let same_event: Vec<MessageId> =
-            queue.values().filter(|q| entry_event(&q.entry).as_deref() == Some(event)).map(|q| q.id).collect();
-        if same_event.first() == Some(&id) {
-            state.remove(device, [id]);
-            Ok(CheckedAck::Removed)
-        } else {
-            let cleared = state.remove(device, same_event);
-            Ok(CheckedAck::Resync { cleared })
-        }
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {

@@ -126,6 +126,18 @@ pub struct DeviceState {
     pub queue_bytes: u64,
     /// Messages were dropped from the queue to respect its caps since the last connect.
     pub overflowed: bool,
+    /// An out-of-order ack cleared the queue of an event and the device has not been told yet:
+    /// it gets `_resync` on a live socket or at its next connect. The value orders that ack
+    /// against connects, as message ids do (see [`Connected::watermark`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_at: Option<MessageId>,
+}
+
+impl DeviceState {
+    /// The device is owed a `_resync`: its queue overflowed, or an ack came out of order.
+    pub fn owes_resync(&self) -> bool {
+        self.overflowed || self.resync_at.is_some()
+    }
 }
 
 /// What a site holds, for metrics and operators.
@@ -194,23 +206,52 @@ pub struct Enqueued {
 pub struct Connected {
     /// Its queue, oldest first.
     pub pending: Vec<Queued>,
-    /// Messages were dropped from its queue since its last connect: it should resync.
-    pub overflowed: bool,
+    /// It was owed a `_resync` (its queue overflowed, or an ack came out of order): send it now.
+    /// Taking it clears it.
+    pub resync: bool,
+    /// Splits the device's messages between this connect and live delivery: every message
+    /// queued before the connect has an id below it (and is in `pending` if still queued),
+    /// every later one an id at or above it. Owed resyncs are numbered the same way.
+    pub watermark: MessageId,
 }
 
-/// The outcome of an acknowledgement checked for order (`resync=true`).
-#[derive(Debug, PartialEq, Eq)]
-pub enum CheckedAck {
-    /// The message was the oldest of its event (or already gone) and is removed.
-    Removed,
-    /// An older message of the same event was still queued: every message of that event was
-    /// removed and the client must resync.
-    Resync {
-        /// How many messages were removed.
-        cleared: u64,
+/// One acknowledgement from a client, recorded in the order the clients sent them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// The ack of a live message: removes exactly that message.
+    Live {
+        /// Whose queue.
+        device: DeviceKey,
+        /// The message.
+        id: MessageId,
+        /// Set for a message sent with `resync=true`: its event. The ack is then checked for
+        /// order: if an older message of the event is still queued, every queued message of
+        /// the event is removed and the device is owed a `_resync`.
+        checked: Option<Arc<str>>,
+    },
+    /// The ack of a `_batch`: removes exactly the messages it carried.
+    Batch {
+        /// Whose queue.
+        device: DeviceKey,
+        /// The batch's messages.
+        ids: Vec<MessageId>,
     },
 }
 
+/// An out-of-order ack: the queue of its event was cleared and the device owes a `_resync`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resync {
+    /// The device.
+    pub device: DeviceKey,
+    /// The event whose queue was cleared.
+    pub event: Arc<str>,
+    /// How many messages were removed.
+    pub cleared: u64,
+    /// Orders this against the device's connects ([`Connected::watermark`]): a connect with a
+    /// watermark above it delivered the `_resync`; otherwise the live path must, then call
+    /// [`Store::resync_sent`].
+    pub seq: MessageId,
+}
 /// Everything that can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -257,7 +298,8 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Registers `device` as connected under its user room, replaces the user's room list with
-    /// `rooms`, and returns the device's queue. Clears the device's overflow flag.
+    /// `rooms`, and returns the device's queue with the split between it and live delivery.
+    /// Takes (clears) an owed `_resync`.
     async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError>;
 
     /// Marks `device` as disconnected since `now`. Unknown devices are ignored.
@@ -286,16 +328,14 @@ pub trait Store: Send + Sync + 'static {
     /// The device's queue, oldest first.
     async fn pending(&self, device: &DeviceKey) -> Result<Vec<Queued>, StoreError>;
 
-    /// Removes exactly `ids` from the device's queue; ids not queued are ignored.
-    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError>;
+    /// Records acknowledgements in the given order (see [`Ack`]); ids no longer queued are
+    /// ignored. Returns the out-of-order acks: each cleared its event's queue and, in the same
+    /// atomic change, marked the device as owed a `_resync`.
+    async fn acks(&self, acks: Vec<Ack>) -> Result<Vec<Resync>, StoreError>;
 
-    /// Removes message `id` from the queue of each of `devices`: the live acks of one message,
-    /// recorded together.
-    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError>;
-
-    /// Removes `id` if it is the oldest queued message of `event`, otherwise clears every queued
-    /// message of `event` (see [`CheckedAck`]).
-    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError>;
+    /// The `_resync` owed since `seq` reached a live socket: clears it, unless a connect took it
+    /// first or a later out-of-order ack replaced it.
+    async fn resync_sent(&self, device: &DeviceKey, seq: MessageId) -> Result<(), StoreError>;
 
     /// Forgets every expired device with its queue, and every expired idempotency key, and
     /// returns the devices.
@@ -332,6 +372,39 @@ pub trait Store: Send + Sync + 'static {
 pub(crate) fn entry_event(entry: &str) -> Option<String> {
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(entry).ok()?;
     serde_json::from_str(items.first()?.get()).ok()
+}
+
+/// What an ack checked for order does to a queue: the rule of `resync=true`, for every backend.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InOrder {
+    /// The message is no longer queued: nothing to do.
+    NotQueued,
+    /// It is the oldest queued message of its event: remove it.
+    Oldest,
+    /// An older message of its event is still queued: remove all of these (every queued message
+    /// of the event) and owe the device a `_resync`.
+    Late(Vec<MessageId>),
+}
+
+/// Applies the rule to a queue given oldest first as `(id, entry)`.
+pub(crate) fn in_order<'a>(
+    queue: impl IntoIterator<Item = (MessageId, &'a str)>,
+    id: MessageId,
+    event: &str,
+) -> InOrder {
+    let mut same_event = Vec::new();
+    let mut queued = false;
+    for (queued_id, entry) in queue {
+        queued |= queued_id == id;
+        if entry_event(entry).as_deref() == Some(event) {
+            same_event.push(queued_id);
+        }
+    }
+    match same_event.first() {
+        _ if !queued => InOrder::NotQueued,
+        Some(oldest) if *oldest == id => InOrder::Oldest,
+        _ => InOrder::Late(same_event),
+    }
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ use super::keys;
 use super::round::{Changes, Pending, Scan, View};
 use super::wal::{is_sync_failure, Wal};
 use super::{
-    entry_event, CheckedAck, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, MessageId,
-    Millis, QueueLimits, Queued, SiteStats, Store, StoreError,
+    in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, InOrder, MessageId,
+    Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
 };
 
 /// The layout version this build reads and writes.
@@ -756,6 +756,20 @@ impl Writer {
         Ok(state)
     }
 
+    /// Changes a registered device's state (an unknown device is left alone).
+    fn update_device(&mut self, dev: &DeviceKey, change: impl FnOnce(&mut DeviceState)) -> Result<(), StoreError> {
+        let key = keys::device(dev)?;
+        let Some(mut state) = read_device(self, &key)? else { return Ok(()) };
+        let before = state.clone();
+        change(&mut state);
+        if state != before {
+            let mut batch = Changes::default();
+            batch.insert(key, encode(&state));
+            self.apply(batch);
+        }
+        Ok(())
+    }
+
     /// Adds to `batch` the removal of a device and its queue.
     fn forget_device(&mut self, dev: &DeviceKey, batch: &mut Changes) -> Result<(), StoreError> {
         batch.remove(keys::device(dev)?);
@@ -931,7 +945,8 @@ impl Store for SledStore {
             let dkey = keys::device(&device)?;
             let old_rooms = read_rooms(w, &ukey)?;
             let mut state = read_device(w, &dkey)?.unwrap_or_default();
-            let overflowed = std::mem::take(&mut state.overflowed);
+            let resync = state.owes_resync();
+            (state.overflowed, state.resync_at) = (false, None);
             state.connected = true;
 
             // Only the shared-room keys that change: most connects name the same rooms again.
@@ -949,7 +964,7 @@ impl Store for SledStore {
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
             w.apply(batch);
-            Ok(Connected { pending: read_queue(w, &device)?, overflowed })
+            Ok(Connected { pending: read_queue(w, &device)?, resync, watermark: w.ids.next })
         })
         .await
     }
@@ -1075,37 +1090,43 @@ impl Store for SledStore {
         self.job(Durability::Written, move |w| read_queue(w, &device)).await
     }
 
-    async fn ack(&self, device: &DeviceKey, ids: &[MessageId]) -> Result<(), StoreError> {
-        let (device, ids) = (device.clone(), ids.to_vec());
-        self.job(Durability::Written, move |w| w.remove_entries(&device, &ids).map(drop)).await
-    }
-
-    async fn ack_each(&self, devices: Vec<DeviceKey>, id: MessageId) -> Result<(), StoreError> {
+    async fn acks(&self, acks: Vec<Ack>) -> Result<Vec<Resync>, StoreError> {
+        // Written, not synced (see `Durability`): an owed resync is written in the same round
+        // as the clearing it answers for, so a crash keeps both or neither.
         self.job(Durability::Written, move |w| {
-            devices.iter().try_for_each(|dev| w.remove_entries(dev, &[id]).map(drop))
+            let mut resyncs = Vec::new();
+            for ack in acks {
+                match ack {
+                    Ack::Batch { device, ids } => drop(w.remove_entries(&device, &ids)?),
+                    Ack::Live { device, id, checked: None } => drop(w.remove_entries(&device, &[id])?),
+                    Ack::Live { device, id, checked: Some(event) } => {
+                        let queue = read_queue(w, &device)?;
+                        match in_order(queue.iter().map(|q| (q.id, &*q.entry)), id, &event) {
+                            InOrder::NotQueued => {}
+                            InOrder::Oldest => drop(w.remove_entries(&device, &[id])?),
+                            InOrder::Late(ids) => {
+                                let cleared = w.remove_entries(&device, &ids)?;
+                                let seq = w.new_id();
+                                w.update_device(&device, |state| state.resync_at = Some(seq))?;
+                                resyncs.push(Resync { device, event, cleared, seq });
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(resyncs)
         })
         .await
     }
 
-    async fn ack_checked(&self, device: &DeviceKey, id: MessageId, event: &str) -> Result<CheckedAck, StoreError> {
-        let (device, event) = (device.clone(), event.to_owned());
+    async fn resync_sent(&self, device: &DeviceKey, seq: MessageId) -> Result<(), StoreError> {
+        let device = device.clone();
         self.job(Durability::Written, move |w| {
-            let queue = read_queue(w, &device)?;
-            if !queue.iter().any(|q| q.id == id) {
-                return Ok(CheckedAck::Removed);
-            }
-            let same_event: Vec<MessageId> = queue
-                .iter()
-                .filter(|q| entry_event(&q.entry).as_deref() == Some(event.as_str()))
-                .map(|q| q.id)
-                .collect();
-            if same_event.first() == Some(&id) {
-                w.remove_entries(&device, &[id])?;
-                Ok(CheckedAck::Removed)
-            } else {
-                let cleared = w.remove_entries(&device, &same_event)?;
-                Ok(CheckedAck::Resync { cleared })
-            }
+            w.update_device(&device, |state| {
+                if state.resync_at == Some(seq) {
+                    state.resync_at = None;
+                }
+            })
         })
         .await
     }

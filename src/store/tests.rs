@@ -31,6 +31,16 @@ async fn send(store: &impl Store, to: &[&str], text: &str, now: Millis) -> Enque
     store.enqueue("site", users(to), entry(text), at(now), QueueLimits::default(), None).await.unwrap()
 }
 
+/// Acks messages as a `_batch` ack would.
+async fn ack(store: &impl Store, device: &DeviceKey, ids: &[MessageId]) {
+    assert!(store.acks(vec![Ack::Batch { device: device.clone(), ids: ids.to_vec() }]).await.unwrap().is_empty());
+}
+
+/// The ack of a live message sent with `resync=true`.
+fn checked(device: &DeviceKey, id: MessageId, event: &str) -> Ack {
+    Ack::Live { device: device.clone(), id, checked: Some(event.into()) }
+}
+
 async fn entries(store: &impl Store, device: &DeviceKey) -> Vec<String> {
     store.pending(device).await.unwrap().iter().map(|q| q.entry.to_string()).collect()
 }
@@ -63,21 +73,23 @@ async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
         [send(&store, &["user_1"], "[\"e\",1]", 0).await.id, send(&store, &["user_1"], "[\"e\",2]", 0).await.id].into();
     // Arrives while the batch is in flight: the batch ack must not remove it.
     send(&store, &["user_1"], "[\"e\",3]", 0).await;
-    store.ack(&d, &batch).await.unwrap();
-    store.ack(&d, &batch).await.unwrap(); // a repeated ack is harmless
+    ack(&store, &d, &batch).await;
+    ack(&store, &d, &batch).await; // a repeated ack is harmless
     assert_eq!(entries(&store, &d).await, ["[\"e\",3]"]);
     let state = store.device(&d).await.unwrap().unwrap();
     assert_eq!((state.queue_len, state.queue_bytes), (1, 7));
 }
 
-async fn ack_each_removes_one_message_from_each_device(store: impl Store) {
+async fn live_acks_remove_one_message_from_each_device(store: impl Store) {
     let (a, b, c) = (dev("user_1", "a"), dev("user_2", "b"), dev("user_3", "c"));
     for d in [&a, &b, &c] {
         store.connect(d, &rooms(&[&d.user])).await.unwrap();
     }
     let first = send(&store, &["user_1", "user_2", "user_3"], "[1]", 0).await.id;
     send(&store, &["user_1", "user_2", "user_3"], "[2]", 0).await;
-    store.ack_each(vec![a.clone(), b.clone(), dev("user_9", "unknown")], first).await.unwrap();
+    let live = |device: &DeviceKey| Ack::Live { device: device.clone(), id: first, checked: None };
+    let acks = vec![live(&a), live(&b), live(&dev("user_9", "unknown"))];
+    assert!(store.acks(acks).await.unwrap().is_empty());
     assert_eq!(entries(&store, &a).await, ["[2]"]);
     assert_eq!(entries(&store, &b).await, ["[2]"]);
     assert_eq!(entries(&store, &c).await, ["[1]", "[2]"]);
@@ -91,13 +103,88 @@ async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: imp
     let b1 = send(&store, &["user_1"], r#"["b",1]"#, 0).await.id;
     let a2 = send(&store, &["user_1"], r#"["a",2]"#, 0).await.id;
     let a3 = send(&store, &["user_1"], r#"["a",3]"#, 0).await.id;
-    assert_eq!(store.ack_checked(&d, a1, "a").await.unwrap(), CheckedAck::Removed);
-    assert_eq!(store.ack_checked(&d, a3, "a").await.unwrap(), CheckedAck::Resync { cleared: 2 });
+    assert!(store.acks(vec![checked(&d, a1, "a")]).await.unwrap().is_empty());
+    let resyncs = store.acks(vec![checked(&d, a3, "a")]).await.unwrap();
+    assert_eq!(resyncs.len(), 1);
+    assert_eq!((&resyncs[0].device, &*resyncs[0].event, resyncs[0].cleared), (&d, "a", 2));
     assert_eq!(entries(&store, &d).await, [r#"["b",1]"#]);
     // An ack for a message no longer queued changes nothing.
-    assert_eq!(store.ack_checked(&d, a2, "a").await.unwrap(), CheckedAck::Removed);
-    assert_eq!(store.ack_checked(&d, b1, "b").await.unwrap(), CheckedAck::Removed);
+    assert!(store.acks(vec![checked(&d, a2, "a"), checked(&d, b1, "b")]).await.unwrap().is_empty());
     assert!(entries(&store, &d).await.is_empty());
+}
+
+/// Acks are judged in the order given: that is the order the client sent them.
+async fn acks_are_checked_in_the_order_given(store: impl Store) {
+    let d = dev("user_1", "a");
+    let batch = store.connect(&d, &rooms(&["user_1"])).await.unwrap().watermark;
+    let queued: Vec<MessageId> = {
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            ids.push(send(&store, &["user_1"], &format!(r#"["e",{i}]"#), 0).await.id);
+        }
+        ids
+    };
+    assert!(queued[0] >= batch);
+    // A `_batch` ack, then live acks of later messages of the event, in send order: no resync.
+    let in_order = vec![
+        Ack::Batch { device: d.clone(), ids: vec![queued[0]] },
+        checked(&d, queued[1], "e"),
+        checked(&d, queued[2], "e"),
+    ];
+    assert!(store.acks(in_order).await.unwrap().is_empty());
+    assert_eq!(entries(&store, &d).await, [r#"["e",3]"#]);
+    // Given the other way round, the same acks are out of order.
+    let later =
+        [send(&store, &["user_1"], r#"["e",4]"#, 0).await.id, send(&store, &["user_1"], r#"["e",5]"#, 0).await.id];
+    let resyncs = store.acks(vec![checked(&d, later[1], "e"), checked(&d, later[0], "e")]).await.unwrap();
+    assert_eq!(resyncs.iter().map(|r| r.cleared).collect::<Vec<_>>(), [3], "one resync, for the first");
+    assert!(entries(&store, &d).await.is_empty());
+}
+
+/// Sends two messages of one event and acks the second first; returns the resync's number.
+async fn resync_after(store: &impl Store, d: &DeviceKey) -> MessageId {
+    let first = send(store, &[&d.user], r#"["e",1]"#, 0).await.id;
+    let second = send(store, &[&d.user], r#"["e",2]"#, 0).await.id;
+    let resyncs = store.acks(vec![checked(d, second, "e"), checked(d, first, "e")]).await.unwrap();
+    assert_eq!(resyncs.len(), 1);
+    resyncs[0].seq
+}
+
+/// The `_resync` an out-of-order ack owes is kept with the device until it is delivered: by the
+/// live path (`resync_sent`, only for the mark it delivered) or by the next connect.
+async fn an_owed_resync_is_kept_until_delivered(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let first = resync_after(&store, &d).await;
+    assert_eq!(store.device(&d).await.unwrap().unwrap().resync_at, Some(first));
+    // A connect after the ack takes the mark: its watermark is above the mark.
+    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    assert!(connected.resync && connected.watermark > first);
+    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync, "taken once");
+    // Delivered live: cleared, but only by the mark it delivered.
+    let second = resync_after(&store, &d).await;
+    let third = resync_after(&store, &d).await;
+    assert!(third > second);
+    store.resync_sent(&d, second).await.unwrap();
+    assert_eq!(store.device(&d).await.unwrap().unwrap().resync_at, Some(third), "a later mark stays");
+    store.resync_sent(&d, third).await.unwrap();
+    assert!(!store.device(&d).await.unwrap().unwrap().owes_resync());
+    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync);
+    store.resync_sent(&dev("user_9", "x"), third).await.unwrap();
+}
+
+/// A connect's watermark splits messages: those sent before it are below it (and in its
+/// queue), those sent after are at or above it.
+async fn a_connect_watermark_splits_messages_before_and_after(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let before = send(&store, &["user_1"], "[1]", 0).await.id;
+    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    assert!(before < connected.watermark);
+    assert_eq!(connected.pending.iter().map(|q| q.id).collect::<Vec<_>>(), [before]);
+    let after = send(&store, &["user_1"], "[2]", 0).await.id;
+    assert!(after >= connected.watermark);
+    assert!(store.connect(&d, &rooms(&["user_1"])).await.unwrap().watermark > after);
 }
 
 async fn devices_expire_from_their_latest_disconnect(store: impl Store) {
@@ -145,7 +232,7 @@ async fn each_message_sees_the_devices_as_they_are_now(store: impl Store) {
         store.enqueue("site", users(&["user_1"]), entry(text), at(5 * HOUR), one, None).await.unwrap();
     }
     assert!(store.device(&a).await.unwrap().unwrap().overflowed);
-    assert!(store.connect(&a, &rooms(&["user_1"])).await.unwrap().overflowed);
+    assert!(store.connect(&a, &rooms(&["user_1"])).await.unwrap().resync);
 }
 
 async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store) {
@@ -234,9 +321,9 @@ async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     store.enqueue("site", users(&["user_1"]), entry("[5]"), at(0), by_bytes, None).await.unwrap();
     assert_eq!(entries(&store, &d).await, ["[4]", "[5]"]);
     let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
-    assert!(connected.overflowed);
+    assert!(connected.resync);
     assert_eq!(connected.pending.len(), 2);
-    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().overflowed);
+    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync);
 }
 
 async fn disconnect_all_starts_every_connected_clock(store: impl Store) {
@@ -253,8 +340,8 @@ async fn disconnect_all_starts_every_connected_clock(store: impl Store) {
 async fn unknown_devices_are_ignored(store: impl Store) {
     let d = dev("user_9", "x");
     store.disconnect(&d, 1).await.unwrap();
-    store.ack(&d, &[1, 2]).await.unwrap();
-    assert_eq!(store.ack_checked(&d, 1, "e").await.unwrap(), CheckedAck::Removed);
+    ack(&store, &d, &[1, 2]).await;
+    assert!(store.acks(vec![checked(&d, 1, "e")]).await.unwrap().is_empty());
     assert_eq!(store.device(&d).await.unwrap(), None);
     store.flush().await.unwrap();
 }
@@ -334,10 +421,8 @@ async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {
         }
     });
     let ids: Vec<MessageId> = futures_util::future::join_all(sends).await.iter().map(|out| out.id).collect();
-    let acks = ids.iter().step_by(2).map(|id| store.ack(&a, std::slice::from_ref(id)));
-    for result in futures_util::future::join_all(acks).await {
-        result.unwrap();
-    }
+    let acks = ids.iter().step_by(2).map(|id| ack(&store, &a, std::slice::from_ref(id)));
+    futures_util::future::join_all(acks).await;
     let (state_a, state_b) = (store.device(&a).await.unwrap().unwrap(), store.device(&b).await.unwrap().unwrap());
     assert_eq!((state_a.queue_len, state_b.queue_len), (20, 40));
     let pending = store.pending(&a).await.unwrap();
@@ -378,8 +463,11 @@ conformance!(
     users_never_connected_get_nothing_stored,
     queues_keep_send_order_across_events_and_devices,
     ack_removes_exactly_the_acked_messages,
-    ack_each_removes_one_message_from_each_device,
+    live_acks_remove_one_message_from_each_device,
     checked_ack_resyncs_when_an_older_message_of_the_event_waits,
+    acks_are_checked_in_the_order_given,
+    an_owed_resync_is_kept_until_delivered,
+    a_connect_watermark_splits_messages_before_and_after,
     devices_expire_from_their_latest_disconnect,
     each_message_sees_the_devices_as_they_are_now,
     connected_devices_never_expire_and_ttl_zero_keeps_all,
@@ -430,7 +518,7 @@ async fn sled_acks_during_a_checkpoint_are_served_and_recovered() {
     tokio::time::sleep(every + Duration::from_millis(50)).await;
     // This round starts the checkpoint: its entries are frozen, new, and wait.
     let first = send(&store, &["user_1", "user_2"], "[1]", 0).await.id;
-    store.ack(&d1, &[first]).await.unwrap();
+    ack(&store, &d1, &[first]).await;
     send(&store, &["user_1"], "[2]", 0).await;
     assert_eq!(entries(&store, &d1).await, ["[2]"]);
     assert_eq!(entries(&store, &d2).await, ["[1]"]);
@@ -586,7 +674,7 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
             }
             // Even users ack everything; odd users stay offline with growing queues.
             for u in (0..devs.len()).step_by(2) {
-                store.ack(&devs[u], &std::mem::take(&mut expected[u])).await.unwrap();
+                ack(&store, &devs[u], &std::mem::take(&mut expected[u])).await;
             }
             expected.iter_mut().for_each(|ids| ids.sort());
         }
