@@ -17,6 +17,8 @@ command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v pgrep >/dev/null 2>&1 || missing+=(procps)
 # The TLS test makes a throwaway certificate.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The failed-fsync test builds a small LD_PRELOAD library (tests/e2e/fixtures/failsync.c).
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (Debian packages)"
   apt-get update -qq

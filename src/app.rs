@@ -4,6 +4,10 @@
 //! disconnects are recorded in the store), let in-flight `/send` requests finish, then flush the
 //! store. `server.shutdown_timeout_secs` bounds the whole sequence. `/readyz` fails from the
 //! moment the drain starts.
+//!
+//! A vital component that dies (the store after a failed sync or a panic of its writer, the task
+//! recording acks) stops the process the same way, and `run_until_stopped` then returns the
+//! failure: `main` exits non-zero, systemd restarts the service, and recovery replays the log.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +122,8 @@ impl Application {
         let Self { listener, router, admin, state, io, sled } = self;
         let server = state.server.clone();
         let tasks = TaskTracker::new();
+        let failed = Arc::new(std::sync::OnceLock::new());
+        tasks.spawn(watch_vitals(state.delivery.clone(), failed.clone(), shutdown.clone()));
         tasks.spawn(sweeper(state.delivery.clone(), server.sweep_interval, shutdown.clone()));
         tasks.spawn(crate::metrics::upkeep(crate::metrics::UPKEEP_EVERY, shutdown.clone()));
         if let Some((admin_listener, admin_router)) = admin {
@@ -185,6 +191,9 @@ impl Application {
             // Everything acknowledged is already durable; this records what the drain added.
             sled.close().await;
         }
+        if let Some(reason) = failed.get() {
+            return Err(anyhow::anyhow!("stopped because {reason}"));
+        }
         if result.is_ok() {
             tracing::info!("stopped");
         }
@@ -199,6 +208,27 @@ impl Application {
 pub(crate) fn no_delay(tcp: &tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error.message = %e, "TCP_NODELAY not set");
+    }
+}
+
+/// How often the vital components are checked.
+const VITALS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Stops the service once a vital component has died (see the module docs), noting why in
+/// `failed`.
+async fn watch_vitals(delivery: Arc<Delivery>, failed: Arc<std::sync::OnceLock<String>>, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(VITALS_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Some(reason) = delivery.failure() {
+            tracing::error!(reason = %reason, "a vital component failed: stopping, to be restarted");
+            let _ = failed.set(reason);
+            shutdown.cancel();
+            return;
+        }
     }
 }
 

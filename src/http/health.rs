@@ -1,6 +1,8 @@
 //! Liveness, readiness and metrics.
 //!
-//! `GET /healthcheck` answers `ok` while the process serves (the old service's check).
+//! `GET /healthcheck` answers `ok` while the process serves (the old service's check), and `503`
+//! once a component it cannot do without has died (the store after a failed sync or a panic of
+//! its writer, the task recording acks): the process then exits, for its supervisor to restart.
 //! `GET /readyz` answers `ready` only while the store accepts writes and no drain has begun, so a
 //! load balancer stops sending traffic before the sockets close. `GET /metrics` is the
 //! Prometheus text format; its registry gauges come from a store scan made at scrape time.
@@ -14,14 +16,19 @@ use axum::response::IntoResponse;
 use super::AppState;
 use crate::store::SiteStats;
 
-/// Answers `ok`.
-pub async fn healthcheck() -> &'static str {
-    "ok"
+/// `200 ok`, or `503 failed` once a vital component died (the log says which and why).
+pub async fn healthcheck(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match state.delivery.failure() {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+    }
 }
 
 /// `200 ready`, or `503` with the reason.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if !state.delivery.store().is_open() {
+    if state.delivery.failure().is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "failed")
+    } else if !state.delivery.store().is_open() {
         (StatusCode::SERVICE_UNAVAILABLE, "store closed")
     } else if !state.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
