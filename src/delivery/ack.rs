@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 
 use crate::store::Ack;
 
-/// Emit with `emit_with_ack::<_, AckArgs>`, and watch with [`Acks::watch`].
+/// Emit with `emit_with_ack::<_, AckArgs>`, and watch the ack with `Acks::watch`.
 ///
 /// An ack's arguments, whatever they are, read and dropped. Asked for a tuple type, socketioxide
 /// hands over the whole argument array; asked for anything else (`serde_json::Value`), it

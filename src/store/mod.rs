@@ -252,6 +252,7 @@ pub struct Resync {
     /// [`Store::resync_sent`].
     pub seq: MessageId,
 }
+
 /// Everything that can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
