@@ -107,7 +107,7 @@ for (const combo of COMBOS) {
           else (ackOf(args)(), held?.(), (held = null));
         });
       }
-      const ROUNDS = 10;
+      const ROUNDS = 13;
       for (let r = 1; r <= ROUNDS; r++) {
         await sendAll("upd", [`${r}-a`]);
         await sendAll("upd", [`${r}-b`]);
@@ -134,7 +134,7 @@ for (const combo of COMBOS) {
 
     test("a client that acks out of order and leaves at once gets its _resync when it comes back", async () => {
       const tag = `leaver-${combo.version}-${combo.transports[0]}`;
-      const ROUNDS = 6;
+      const ROUNDS = 13;
       for (let r = 0; r < ROUNDS; r++) {
         const all = await clients(combo, `${tag}-${r}`);
         for (const c of all) {
@@ -184,7 +184,7 @@ for (const combo of COMBOS) {
         }
       })();
       const received = new Set();
-      const RECONNECTS = 30;
+      const RECONNECTS = 50;
       try {
         for (let i = 0; i <= RECONNECTS; i++) {
           const c = client(combo.version, server, { token: "t0", deviceId: tag, transports: combo.transports });
@@ -227,7 +227,7 @@ for (const combo of COMBOS) {
 
     test("a device that leaves and comes back at once is recorded connected", async () => {
       const tag = `flap-${combo.version}-${combo.transports[0]}`;
-      const FLAPS = 12;
+      const FLAPS = 25;
       let sockets = await clients(combo, tag);
       const closed = () => (server.log.match(new RegExp(`(device disconnected|socket left)[^\\n]*device=${tag}-`, "g")) ?? []).length;
       const before = closed();
@@ -257,7 +257,7 @@ test("a /send whose website hangs up after sending is still delivered live", asy
     if (args[0] === "hung") live.add(args[1]);
     ackOf(args)?.();
   });
-  const ATTEMPTS = 150;
+  const ATTEMPTS = 200;
   for (let i = 0; i < ATTEMPTS; i++) {
     const body = JSON.stringify({ rooms: ["user_0"], event: "hung", args: [i] });
     const request =
