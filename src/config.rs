@@ -25,6 +25,9 @@ use crate::telemetry::LogFormat;
 /// Where `serve` looks for a config file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sio-push/config.toml";
 
+/// The most `server.max_name_bytes` may be: the store keys a name part by a 16-bit length.
+const MAX_NAME_BYTES: u64 = u16::MAX as u64;
+
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -100,6 +103,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most rooms one `POST /send` may name.
     pub max_rooms_per_request: usize,
+    /// Longest room name, event name or device id, in bytes.
+    pub max_name_bytes: usize,
     /// Largest message as stored (`[event, ...args]` JSON).
     pub max_message_bytes: usize,
     /// How long an `Idempotency-Key` is remembered.
@@ -263,6 +268,7 @@ struct RawServer {
     callback_timeout_ms: u64,
     max_body_bytes: u64,
     max_rooms_per_request: u64,
+    max_name_bytes: u64,
     max_message_bytes: u64,
     idempotency_window_secs: u64,
     max_queue_len: u64,
@@ -301,6 +307,9 @@ impl Default for RawServer {
             max_body_bytes: 1024 * 1024,
             // The old service's 100 KB body held up to about 10,000 short room names.
             max_rooms_per_request: 10_000,
+            // Far above any room, event or device name a site uses, far below what the store
+            // can key (64 KiB).
+            max_name_bytes: 1024,
             max_message_bytes: 512 * 1024,
             idempotency_window_secs: 24 * 3600,
             max_queue_len: queue.max_len,
@@ -430,6 +439,13 @@ impl Config {
                 return Err(invalid(key, value, "tls_cert_path and tls_key_path go together"));
             }
         };
+        if s.data_dir.as_os_str().is_empty() && !s.ephemeral {
+            return Err(invalid(
+                "server.data_dir",
+                "",
+                "a directory (data_dir, SIO_PUSH_DATA_DIR or --data-dir); empty would mean the current one",
+            ));
+        }
         let server = ServerConfig {
             listen,
             tls,
@@ -445,6 +461,10 @@ impl Config {
             callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
             max_rooms_per_request: positive("server.max_rooms_per_request", s.max_rooms_per_request)? as usize,
+            max_name_bytes: match s.max_name_bytes {
+                n @ 1..=MAX_NAME_BYTES => n as usize,
+                n => return Err(invalid("server.max_name_bytes", &n.to_string(), "1 to 65535 bytes")),
+            },
             max_message_bytes: positive("server.max_message_bytes", s.max_message_bytes)? as usize,
             idempotency_window: Duration::from_secs(positive(
                 "server.idempotency_window_secs",
@@ -492,8 +512,8 @@ fn validate_site(name: String, raw: RawSite) -> Result<SiteConfig, ConfigError> 
     if let Some(url) = &raw.update_user_url {
         parse_http_url(&key("update_user_url"), url)?;
     }
-    if raw.api_key.is_empty() {
-        return Err(invalid(&key("api_key"), "", "a non-empty key"));
+    if raw.api_key.trim().is_empty() {
+        return Err(invalid(&key("api_key"), "(blank)", "a key that is not empty or only spaces"));
     }
     if raw.auth_scheme.contains(['\r', '\n']) {
         return Err(invalid(&key("auth_scheme"), &raw.auth_scheme, "a single-line word like Bearer"));
@@ -643,7 +663,10 @@ pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>)
         ("UPDATE_USER_URL", "update_user_url"),
         ("PUBLIC_CHANNEL", "public_channel"),
     ];
-    match env.get("SITE_NAME").filter(|s| !s.is_empty()) {
+    if env.get("SITE_NAME").is_some_and(|s| s.trim().is_empty()) {
+        return Err(invalid("SITE_NAME", "", "a site name; empty would leave the site unconfigured"));
+    }
+    match env.get("SITE_NAME") {
         Some(site) => {
             for (var, key) in SITE_VARS {
                 if let Some(value) = env.get(var) {
@@ -682,6 +705,7 @@ impl fmt::Display for Config {
         writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
         writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;
         writeln!(f, "max_rooms_per_request = {}", s.max_rooms_per_request)?;
+        writeln!(f, "max_name_bytes = {}", s.max_name_bytes)?;
         writeln!(f, "max_message_bytes = {}", s.max_message_bytes)?;
         writeln!(f, "idempotency_window_secs = {}", s.idempotency_window.as_secs())?;
         writeln!(f, "max_queue_len = {}", s.queue_limits.max_len)?;

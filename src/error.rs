@@ -29,7 +29,7 @@ pub enum ApiError {
         max: usize,
     },
     /// The body's content type is not one we read.
-    #[error("Unsupported Content-Type {0:?}: send application/json or application/x-www-form-urlencoded.")]
+    #[error("Unsupported Content-Type {0}: send application/json or application/x-www-form-urlencoded.")]
     UnsupportedMediaType(String),
     /// The site's rate limit is exhausted.
     #[error("Rate limit of this site exceeded; retry after {} s.", retry_after_secs(*retry_after))]
@@ -43,6 +43,16 @@ pub enum ApiError {
     /// An `Idempotency-Key` was reused for a different request.
     #[error("{0}")]
     KeyReused(String),
+    /// The request took longer than `server.request_timeout_secs`.
+    #[error(
+        "Request not done within {} s (server.request_timeout_secs). A message it carried may have been stored: \
+         retry with the same Idempotency-Key to store it once.",
+        after.as_secs()
+    )]
+    Timeout {
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// Carrying out the request failed in a way that does not say whether it took effect.
     #[error("Internal error; the message may have been stored.")]
     Internal(String),
@@ -81,6 +91,7 @@ impl ApiError {
             Self::Storage(StoreError::Io(_) | StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - `shutdown`: signals to a cancellation token.
 //! - `notify`: systemd readiness notification.
 //! - `error`: `ApiError` and its one HTTP mapping.
+//! - `names`: limits of names from outside, reserved event names, escaping text for logs and errors.
 //! - `admin`: the admin API and status page (own listener, bearer token).
 //! - `http`: `POST /send`, `GET /healthcheck`, the demo, the router.
 //! - `sites`: the live set of sites, which reload changes.
@@ -32,6 +33,7 @@ pub mod error;
 pub mod http;
 pub mod import;
 pub mod metrics;
+pub mod names;
 pub mod notify;
 pub mod ops;
 pub mod realtime;

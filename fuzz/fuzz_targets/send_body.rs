@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sio_push::http::publish::parse_message;
+use sio_push::http::publish::{parse_message, Limits};
 
 fuzz_target!(|data: &[u8]| {
     let Some((kind, body)) = data.split_first() else { return };
@@ -13,9 +13,11 @@ fuzz_target!(|data: &[u8]| {
         1 => "application/x-www-form-urlencoded",
         _ => "application/json; charset=utf-8",
     };
-    if let Ok(msg) = parse_message(content_type, body, kind & 0x80 != 0, 1000) {
-        assert!(!msg.event.is_empty());
-        assert!(msg.rooms.iter().all(|r| !r.is_empty()));
+    let limits = Limits { max_rooms: 1000, max_name_bytes: 1024 };
+    if let Ok(msg) = parse_message(content_type, body, kind & 0x80 != 0, &limits) {
+        assert!(!msg.event.is_empty() && msg.event.len() <= limits.max_name_bytes);
+        assert!(!sio_push::names::RESERVED_EVENTS.contains(&msg.event.as_str()));
+        assert!(msg.rooms.iter().all(|r| !r.is_empty() && r.len() <= limits.max_name_bytes));
         let entry: Vec<serde_json::Value> = serde_json::from_str(&msg.entry()).expect("entries are JSON arrays");
         assert_eq!(entry[0], serde_json::Value::String(msg.event.clone()));
         assert_eq!(entry.len(), msg.args.len() + 1);

@@ -137,6 +137,10 @@ fn bad_values_name_the_key_the_value_and_what_is_accepted() {
         ("[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"\"", "sites.a.api_key"),
         ("[sites.\"a/b\"]\nauth_url = \"http://a.test\"\napi_key = \"k\"", "sites.a/b"),
         ("[sites.a]\napi_key = \"k\"", "auth_url"),
+        ("[sites.a]\nauth_url = \"http://a.test\"\napi_key = \"   \"", "sites.a.api_key"),
+        ("[server]\ndata_dir = \"\"", "server.data_dir"),
+        ("[server]\nmax_name_bytes = 0", "server.max_name_bytes"),
+        ("[server]\nmax_name_bytes = 65536", "server.max_name_bytes"),
     ];
     for (text, needle) in cases {
         let err = Config::from_toml(text).unwrap_err().to_string();
@@ -146,6 +150,24 @@ fn bad_values_name_the_key_the_value_and_what_is_accepted() {
         let err = from_env(&[(var, value)]).unwrap_err().to_string();
         assert!(err.contains(var) && err.contains(value), "{err}");
     }
+}
+
+/// Settings that would misplace data or leave a site silently unconfigured are startup errors.
+#[test]
+fn blank_settings_of_the_old_environment_are_errors_that_name_them() {
+    let with = |var: &str, value: &str| {
+        let mut env: Vec<(&str, &str)> = OLD_ENV.iter().filter(|(k, _)| *k != var).copied().collect();
+        env.push((var, value));
+        from_env(&env).map(|_| ()).unwrap_err().to_string()
+    };
+    assert!(with("SITE_NAME", "").contains("SITE_NAME"));
+    assert!(with("SITE_NAME", "  ").contains("SITE_NAME"));
+    assert!(with("API_KEY", "   ").contains("sites.goodcity.api_key"));
+    assert!(with("SIO_PUSH_DATA_DIR", "").contains("server.data_dir"));
+    // In memory there is nothing to misplace.
+    let mut env = OLD_ENV.to_vec();
+    env.extend([("SIO_PUSH_DATA_DIR", ""), ("SIO_PUSH_SERVER__EPHEMERAL", "true")]);
+    assert!(from_env(&env).is_ok());
 }
 
 #[test]

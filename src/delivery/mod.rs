@@ -85,6 +85,8 @@ pub struct Settings {
     pub idempotency_window: Duration,
     /// See `ServerConfig::max_sockets_per_device`.
     pub max_sockets_per_device: usize,
+    /// See `ServerConfig::max_name_bytes`.
+    pub max_name_bytes: usize,
 }
 
 /// Why a message was not accepted.
@@ -155,6 +157,11 @@ impl Delivery {
     /// The store, for background jobs.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Why delivery cannot go on, if it cannot: the store stopped, or the ack recorder died.
@@ -297,6 +304,7 @@ mod tests {
             max_message_bytes: config.server.max_message_bytes,
             idempotency_window: config.server.idempotency_window,
             max_sockets_per_device: config.server.max_sockets_per_device,
+            max_name_bytes: config.server.max_name_bytes,
         };
         let site = Arc::new(config.sites["shop"].clone());
         (Arc::new(Delivery::new(Arc::new(store), io, callbacks, settings)), site)

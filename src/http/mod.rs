@@ -21,7 +21,6 @@ use socketioxide::layer::SocketIoLayer;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admin::History;
@@ -152,6 +151,21 @@ async fn own_request_head(mut req: Request<axum::body::Body>) -> Request<axum::b
     req
 }
 
+/// Gives an error answer without a body (a 404, a 405, ...) one naming its status, so that no
+/// error reaches a caller as an empty page.
+async fn reason_for_empty_errors(response: axum::response::Response) -> axum::response::Response {
+    use axum::body::HttpBody;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) || response.body().size_hint().exact() != Some(0) {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    let reason = format!("{}.", status.canonical_reason().unwrap_or("Error"));
+    axum::response::Response::from_parts(parts, axum::body::Body::from(reason))
+}
+
 /// The whole router: HTTP routes, socket.io, request ids and tracing.
 ///
 /// The layers are one tower stack around the routes, not `Router::layer` calls: each of those
@@ -160,13 +174,7 @@ async fn own_request_head(mut req: Request<axum::body::Body>) -> Request<axum::b
 pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
     let demo = state.server.demo;
     let mut app = Router::new()
-        .route(
-            "/send",
-            post(publish::send).layer(TimeoutLayer::with_status_code(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                state.server.request_timeout,
-            )),
-        )
+        .route("/send", post(publish::send))
         .route("/healthcheck", get(health::healthcheck))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));
@@ -184,6 +192,7 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!("http", method = %req.method(), route, request_id = id)
         }))
+        .layer(axum::middleware::map_response(reason_for_empty_errors))
         .layer(cors)
         .layer(axum::middleware::map_request(own_request_head))
         .layer(socketio)

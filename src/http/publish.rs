@@ -14,12 +14,18 @@ use serde_json::{Map, Value};
 use super::AppState;
 use crate::delivery::Message;
 use crate::error::ApiError;
+use crate::names;
 
 /// Deepest bracket nesting a form key may have.
 const MAX_FORM_DEPTH: usize = 20;
 
-/// Handles `POST /send`.
+/// Handles `POST /send`, within `server.request_timeout_secs`.
 pub async fn send(State(state): State<AppState>, request: Request<Body>) -> Result<&'static str, ApiError> {
+    let limit = state.server.request_timeout;
+    tokio::time::timeout(limit, accept(state, request)).await.map_err(|_| ApiError::Timeout { after: limit })?
+}
+
+async fn accept(state: AppState, request: Request<Body>) -> Result<&'static str, ApiError> {
     let (parts, body) = request.into_parts();
     let params = Params::parse(parts.uri.query().unwrap_or(""), &parts.headers);
     let (Some(site), Some(key)) = (params.site.as_deref(), params.api_key.as_deref()) else {
@@ -32,10 +38,17 @@ pub async fn send(State(state): State<AppState>, request: Request<Body>) -> Resu
     let started = std::time::Instant::now();
     state.limiter.check(&site, started).map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let max = state.server.max_body_bytes;
+    // A declared length over the limit is refused before reading: read, it would only hold the
+    // connection (and a request that never sends that much, until the timeout).
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(ApiError::TooLarge { max });
+    }
     let body = axum::body::to_bytes(body, max).await.map_err(|_| ApiError::TooLarge { max })?;
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let resync = parse_bool("resync", params.resync.as_deref())?;
-    let msg = parse_message(content_type, &body, resync, state.server.max_rooms_per_request)?;
+    let limits = Limits { max_rooms: state.server.max_rooms_per_request, max_name_bytes: state.server.max_name_bytes };
+    let msg = parse_message(content_type, &body, resync, &limits)?;
     let key = idempotency_key(&parts.headers)?
         .map(|key| (key, fingerprint(&[content_type.as_bytes(), &body, &[u8::from(resync)]])));
     state.delivery.send(&site, msg, key).await?;
@@ -101,21 +114,31 @@ fn parse_bool(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
     match value.map(str::trim) {
         None | Some("") | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") => Ok(true),
-        Some(other) => {
-            Err(ApiError::BadRequest(format!("Query param '{name}' must be true, false, 1 or 0, not {other:?}.")))
-        }
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "Query param '{name}' must be true, false, 1 or 0, not {}.",
+            names::shown(other)
+        ))),
     }
 }
 
+/// What a `/send` body may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `server.max_rooms_per_request`.
+    pub max_rooms: usize,
+    /// `server.max_name_bytes`: rooms and the event.
+    pub max_name_bytes: usize,
+}
+
 /// Turns a `/send` body into a message, or says what is wrong with it.
-pub fn parse_message(content_type: &str, body: &[u8], resync: bool, max_rooms: usize) -> Result<Message, ApiError> {
+pub fn parse_message(content_type: &str, body: &[u8], resync: bool, limits: &Limits) -> Result<Message, ApiError> {
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let doc = match mime.as_str() {
         "application/json" => serde_json::from_slice::<Value>(body)
             .map_err(|e| ApiError::BadRequest(format!("Malformed JSON body: {e}.")))?,
         "application/x-www-form-urlencoded" => parse_form(body)?,
         "" => return Err(ApiError::UnsupportedMediaType("(none)".into())),
-        other => return Err(ApiError::UnsupportedMediaType(other.into())),
+        other => return Err(ApiError::UnsupportedMediaType(names::shown(other))),
     };
     let Value::Object(mut doc) = doc else {
         return Err(ApiError::BadRequest("Body must be an object with 'rooms', 'event' and 'args'.".into()));
@@ -143,11 +166,22 @@ pub fn parse_message(content_type: &str, body: &[u8], resync: bool, max_rooms: u
     if rooms.iter().any(String::is_empty) {
         return Err(ApiError::BadRequest("Room names in 'rooms' must not be empty.".into()));
     }
-    if rooms.len() > max_rooms {
+    if rooms.len() > limits.max_rooms {
         return Err(ApiError::BadRequest(format!(
-            "Too many rooms: {} (server.max_rooms_per_request is {max_rooms}).",
-            rooms.len()
+            "Too many rooms: {} (server.max_rooms_per_request is {}).",
+            rooms.len(),
+            limits.max_rooms
         )));
+    }
+    names::check_length("'event'", &event, limits.max_name_bytes).map_err(ApiError::BadRequest)?;
+    if names::RESERVED_EVENTS.contains(&event.as_str()) {
+        return Err(ApiError::BadRequest(format!(
+            "'event' {} is reserved: socket.io clients handle it themselves.",
+            names::shown(&event)
+        )));
+    }
+    for room in &rooms {
+        names::check_length("A room name in 'rooms'", room, limits.max_name_bytes).map_err(ApiError::BadRequest)?;
     }
     let args = match doc.remove("args") {
         None => vec![Value::Null],
@@ -165,7 +199,8 @@ fn parse_form(body: &[u8]) -> Result<Value, ApiError> {
     for (key, value) in form_urlencoded::parse(body) {
         let (head, path) = split_key(&key);
         if path.len() > MAX_FORM_DEPTH {
-            return Err(ApiError::BadRequest(format!("Form key {key:?} nests deeper than {MAX_FORM_DEPTH} levels.")));
+            let key = names::shown(&key);
+            return Err(ApiError::BadRequest(format!("Form key {key} nests deeper than {MAX_FORM_DEPTH} levels.")));
         }
         insert(&mut root, head, &path, Value::String(value.into_owned()))?;
     }
@@ -220,7 +255,7 @@ fn insert(map: &mut Map<String, Value>, key: &str, path: &[&str], value: Value) 
 }
 
 fn conflict(key: &str) -> ApiError {
-    ApiError::BadRequest(format!("Form key {key:?} is given both as a value and as a nested object."))
+    ApiError::BadRequest(format!("Form key {} is given both as a value and as a nested object.", names::shown(key)))
 }
 
 fn arrays_from_indices(value: Value) -> Value {

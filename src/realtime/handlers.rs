@@ -10,10 +10,8 @@ use crate::callbacks::{AuthError, Callbacks};
 use crate::config::SiteConfig;
 use crate::delivery::{Client, Delivery};
 use crate::metrics;
+use crate::names;
 use crate::sites::Sites;
-
-/// Longest `deviceId` accepted; longer ones are refused as an auth error.
-const MAX_DEVICE_ID: usize = 1024;
 
 /// The connection query: `?token=..&deviceId=..&meta=..`.
 #[derive(Default)]
@@ -44,6 +42,7 @@ fn query(socket: &SocketRef) -> Query {
 pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Delivery>, callbacks: Callbacks) {
     let path = format!("/{name}");
     let name = name.to_owned();
+    let delivery_a = delivery.clone();
     let authenticate = async move |socket: SocketRef| -> Result<(), AuthError> {
         let refuse = |e: AuthError| {
             tracing::info!(site = %name, sid = %socket.id, reason = %e, "connection refused");
@@ -58,10 +57,15 @@ pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Deli
             }
         }
         let q = query(&socket);
-        if q.device.len() > MAX_DEVICE_ID {
-            return Err(refuse(AuthError::Other(format!("deviceId is longer than {MAX_DEVICE_ID} bytes"))));
-        }
+        // Names over the limit are refused here, before the auth call and the store: the store
+        // could not key them, and a client must not be told it connected when it is not.
+        let max = delivery_a.settings().max_name_bytes;
+        names::check_length("deviceId", &q.device, max).map_err(|e| refuse(AuthError::Other(e)))?;
         let rooms = callbacks.rooms(&site, &q.token, q.meta.as_deref()).await.map_err(refuse)?;
+        for room in &rooms {
+            names::check_length("A room name from the auth endpoint", room, max)
+                .map_err(|e| refuse(AuthError::Other(e)))?;
+        }
         if site.reliable() && !rooms.iter().any(|r| site.is_user_room(r)) {
             return Err(refuse(AuthError::MissingUserRoom));
         }

@@ -5,8 +5,10 @@ use super::*;
 const JSON: &str = "application/json";
 const FORM: &str = "application/x-www-form-urlencoded";
 
+const LIMITS: Limits = Limits { max_rooms: 1000, max_name_bytes: 64 };
+
 fn parse(content_type: &str, body: &str) -> Result<Message, String> {
-    parse_message(content_type, body.as_bytes(), false, 1000).map_err(|e| e.to_string())
+    parse_message(content_type, body.as_bytes(), false, &LIMITS).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -67,10 +69,45 @@ fn bad_bodies_are_named() {
     }
     let rooms: Vec<String> = (0..3).map(|i| format!("\"r{i}\"")).collect();
     let body = format!(r#"{{"rooms":[{}],"event":"e"}}"#, rooms.join(","));
-    let err = parse_message(JSON, body.as_bytes(), false, 2).unwrap_err().to_string();
+    let err = parse_message(JSON, body.as_bytes(), false, &Limits { max_rooms: 2, ..LIMITS }).unwrap_err().to_string();
     assert!(err.contains("Too many rooms: 3"), "{err}");
     let deep = format!("rooms=a&event=e&args{}=1", "[a]".repeat(21));
     assert!(parse(FORM, &deep).unwrap_err().contains("deeper"));
+}
+
+#[test]
+fn names_over_the_limit_and_reserved_events_are_refused_by_name() {
+    let long = "r".repeat(65);
+    let cases = [
+        (
+            format!(r#"{{"rooms":["user_1","{long}"],"event":"e"}}"#),
+            "A room name in 'rooms' of 65 bytes is longer than server.max_name_bytes (64).",
+        ),
+        (
+            format!(r#"{{"rooms":"user_1","event":"{long}"}}"#),
+            "'event' of 65 bytes is longer than server.max_name_bytes (64).",
+        ),
+    ];
+    for (body, want) in cases {
+        assert_eq!(parse(JSON, &body).unwrap_err(), want);
+    }
+    assert!(parse(JSON, &format!(r#"{{"rooms":"{}","event":"e"}}"#, "r".repeat(64))).is_ok(), "at the limit");
+    for event in crate::names::RESERVED_EVENTS {
+        let err = parse(JSON, &format!(r#"{{"rooms":"user_1","event":"{event}"}}"#)).unwrap_err();
+        assert_eq!(err, format!("'event' \"{event}\" is reserved: socket.io clients handle it themselves."));
+    }
+    assert!(parse(JSON, r#"{"rooms":"user_1","event":"message"}"#).is_ok(), "an ordinary event");
+}
+
+#[test]
+fn errors_never_echo_unbounded_or_multi_line_input() {
+    let key = format!("x\nINFO forged{}[a]", "k".repeat(30_000));
+    let body = format!("rooms=u&event=e&{key}=1&{}=2", key.replace("[a]", ""));
+    let err = parse(FORM, &body).unwrap_err();
+    assert!(err.len() < 400, "{} bytes", err.len());
+    assert!(!err.contains('\n') && err.contains("\\n") && err.contains("more bytes]"), "{err}");
+    let err = parse_bool("resync", Some(&"y".repeat(5000))).unwrap_err().to_string();
+    assert!(err.len() < 400, "{err}");
 }
 
 #[test]
@@ -126,7 +163,7 @@ fn fuzz_corpus_and_regressions_parse_without_panicking() {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             let Some((kind, body)) = data.split_first() else { continue };
             let content_type = [JSON, FORM, "application/json; charset=utf-8"][usize::from(kind % 3)];
-            let _ = parse_message(content_type, body, kind & 0x80 != 0, 1000);
+            let _ = parse_message(content_type, body, kind & 0x80 != 0, &LIMITS);
             replayed += 1;
         }
     }

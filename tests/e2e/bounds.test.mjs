@@ -1,0 +1,148 @@
+// Bounded against strangers and broken callers (issue 16, first part): names over the limit and
+// reserved events get a 4xx naming them, a client with such a name is refused with a clear
+// error, a lying Content-Length is refused at once, every error answer has a body, logs cannot
+// be forged or made unbounded from outside, and blank settings are startup errors.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import net from "node:net";
+import { promisify } from "node:util";
+import { BIN, VERSIONS, startWebsite, startServer, oldEnv, client, ready, send, within } from "./helpers.mjs";
+
+const run = promisify(execFile);
+let website, server;
+
+before(async () => {
+  website = await startWebsite();
+  website.tokens.set("t1", ["user_1"]);
+  website.tokens.set("t-long-room", ["user_1", "r".repeat(2000)]);
+  server = await startServer(oldEnv(website));
+});
+after(async () => {
+  await server?.cleanup();
+  await website?.close();
+});
+
+/** Writes `request` raw and resolves with the whole answer and how long it took. */
+function raw(request, { holdOpenMs = 0 } = {}) {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    let answer = "";
+    const socket = net.connect(server.port, "127.0.0.1", () => socket.write(request));
+    socket.on("data", (d) => (answer += d));
+    socket.on("end", () => resolve({ answer, ms: Date.now() - started }));
+    socket.on("error", reject);
+    if (holdOpenMs) setTimeout(() => socket.end(), holdOpenMs);
+  });
+}
+
+test("/send: names over server.max_name_bytes get a 400 naming the limit, not a 503", async () => {
+  const huge = "r".repeat(500 * 1024);
+  for (const [body, want] of [
+    [{ rooms: [huge], event: "e" }, /A room name in 'rooms' of 512000 bytes is longer than server\.max_name_bytes \(1024\)/],
+    [{ rooms: ["user_1"], event: "e".repeat(1025) }, /'event' of 1025 bytes is longer than server\.max_name_bytes \(1024\)/],
+  ]) {
+    const res = await send(server, { body });
+    assert.equal(res.status, 400, res.text);
+    assert.match(res.text, want);
+  }
+  assert.equal((await send(server, { body: { rooms: ["r".repeat(1024)], event: "e" } })).status, 200, "at the limit");
+});
+
+test("/send: socket.io's reserved event names and sio-push's own get a 400 naming the name", async () => {
+  const reserved = ["connect", "connect_error", "disconnect", "disconnecting", "error", "connecting", "reconnect", "ping", "newListener", "_batch", "_resync", "_settings"];
+  for (const event of reserved) {
+    const res = await send(server, { body: { rooms: ["user_1"], event } });
+    assert.equal(res.status, 400, event);
+    assert.equal(res.text, `'event' "${event}" is reserved: socket.io clients handle it themselves.`);
+  }
+});
+
+for (const version of VERSIONS) {
+  test(`${version}: a deviceId or an auth room over the limit is refused with a clear error, and nothing is registered`, async () => {
+    const long = client(version, server, { token: "t1", deviceId: "d".repeat(1025) });
+    assert.equal(await long.refusal(), "Auth error: deviceId of 1025 bytes is longer than server.max_name_bytes (1024).");
+    long.close();
+    const room = client(version, server, { token: "t-long-room", deviceId: `${version}-room` });
+    assert.equal(await room.refusal(), "Auth error: A room name from the auth endpoint of 2000 bytes is longer than server.max_name_bytes (1024).");
+    room.close();
+    assert.ok(!/device connected[^\n]*d{1025}/.test(server.log));
+  });
+}
+
+test("a Content-Length over max_body_bytes is refused at once with 413, whatever follows", async () => {
+  const { answer, ms } = await within(
+    raw(
+      "POST /send?site=shop&apiKey=secret-key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+        "Content-Length: 10000000\r\nConnection: close\r\n\r\n{}",
+    ),
+    "the 413",
+  );
+  assert.match(answer, /^HTTP\/1\.1 413/);
+  assert.match(answer, /Request body is larger than 1048576 bytes \(server\.max_body_bytes\)\./);
+  assert.ok(ms < 1000, `answered in ${ms} ms, without waiting for the body`);
+});
+
+test("every error answer names its reason: 404, 405, and a request that outlasts request_timeout_secs", async () => {
+  const notFound = await fetch(`${server.url}/nope`);
+  assert.equal(notFound.status, 404);
+  assert.equal(await notFound.text(), "Not Found.");
+  const wrongMethod = await fetch(`${server.url}/send`);
+  assert.equal(wrongMethod.status, 405);
+  assert.equal(await wrongMethod.text(), "Method Not Allowed.");
+  const slow = await startServer(oldEnv(website, { SIO_PUSH_SERVER__REQUEST_TIMEOUT_SECS: "1" }));
+  try {
+    // Promises 100 bytes, sends 10, and waits.
+    const request = "POST /send?site=shop&apiKey=secret-key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+      "Content-Length: 100\r\nConnection: close\r\n\r\n{\"rooms\":";
+    const { answer } = await within(
+      new Promise((resolve, reject) => {
+        let text = "";
+        const socket = net.connect(slow.port, "127.0.0.1", () => socket.write(request));
+        socket.on("data", (d) => (text += d));
+        socket.on("end", () => resolve({ answer: text }));
+        socket.on("error", reject);
+      }),
+      "the timeout's answer",
+    );
+    assert.match(answer, /^HTTP\/1\.1 503/);
+    assert.match(answer, /Request not done within 1 s \(server\.request_timeout_secs\)/);
+  } finally {
+    await slow.cleanup();
+  }
+});
+
+test("values from outside cannot forge log lines or make them unbounded; error replies stay short", async () => {
+  const forged = "dev\nINFO sio_push::forged_line site=shop";
+  const c = await ready("v4", server, { token: "t1", deviceId: forged });
+  c.close();
+  await server.logged(/device connected[^\n]*device=dev\\nINFO/);
+  assert.ok(!server.log.split("\n").some((line) => line.startsWith("INFO sio_push::forged")), "no line of its own");
+  const key = `k\nINFO forged${"x".repeat(30000)}`;
+  const form = `rooms=user_1&event=e&${encodeURIComponent(key)}=1&${encodeURIComponent(key)}[a]=2`;
+  const res = await send(server, { body: form });
+  assert.equal(res.status, 400);
+  assert.ok(res.text.length < 400, `a ${res.text.length}-byte reply`);
+  assert.match(res.text, /more bytes\]/);
+  assert.ok(!res.text.includes("\n"));
+  const longest = Math.max(...server.log.split("\n").map((line) => line.length));
+  assert.ok(longest < 8 * 1024, `longest log line ${longest} bytes`);
+});
+
+test("blank settings that would misplace data or drop the site are startup errors naming them", async () => {
+  const base = { PATH: process.env.PATH, ...oldEnv(website), PORT: "0" };
+  const cases = [
+    [{ SIO_PUSH_DATA_DIR: "" }, /server\.data_dir/],
+    [{ SIO_PUSH_DATA_DIR: "/tmp/unused", API_KEY: "   " }, /sites\.shop\.api_key/],
+    [{ SIO_PUSH_DATA_DIR: "/tmp/unused", SITE_NAME: "" }, /SITE_NAME/],
+  ];
+  for (const [extra, want] of cases) {
+    const failed = await run(BIN, ["serve"], { env: { ...base, ...extra }, timeout: 10000 }).then(
+      () => null,
+      (e) => e,
+    );
+    assert.ok(failed, `${JSON.stringify(extra)} must not start`);
+    assert.equal(failed.code, 2);
+    assert.match(failed.stderr, want);
+  }
+});
