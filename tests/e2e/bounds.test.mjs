@@ -5,7 +5,10 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
 import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { promisify } from "node:util";
 import { BIN, VERSIONS, startWebsite, startServer, oldEnv, client, ready, send, within } from "./helpers.mjs";
 
@@ -137,11 +140,15 @@ test("blank settings that would misplace data or drop the site are startup error
     [{ SIO_PUSH_DATA_DIR: "/tmp/unused", SITE_NAME: "" }, /SITE_NAME/],
   ];
   for (const [extra, want] of cases) {
-    const failed = await run(BIN, ["serve"], { env: { ...base, ...extra }, timeout: 10000 }).then(
+    // In a scratch directory: a build that took the empty data dir for the current one would
+    // write its files there.
+    const cwd = mkdtempSync(path.join(tmpdir(), "sio-push-blank-"));
+    const failed = await run(BIN, ["serve"], { env: { ...base, ...extra }, cwd, timeout: 10000 }).then(
       () => null,
       (e) => e,
     );
     assert.ok(failed, `${JSON.stringify(extra)} must not start`);
+    rmSync(cwd, { recursive: true, force: true });
     assert.equal(failed.code, 2);
     assert.match(failed.stderr, want);
   }
