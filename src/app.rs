@@ -81,7 +81,7 @@ impl Application {
         };
         let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
         let sites = Sites::new(config.sites.values().cloned());
-        realtime::register(&io, &sites, delivery.clone(), callbacks.clone());
+        realtime::register(&io, &sites, delivery.clone(), callbacks.clone(), server.connect_timeout);
         for site in sites.all() {
             tracing::info!(site = %site.name, reliable = site.reliable(), "site configured");
         }

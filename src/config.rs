@@ -113,6 +113,12 @@ pub struct ServerConfig {
     pub queue_limits: QueueLimits,
     /// Most auth calls in flight at once, across sites.
     pub max_concurrent_auth: usize,
+    /// Most connections waiting for an auth slot; more are refused at once.
+    pub max_auth_queue: usize,
+    /// How long a new session has to complete its namespace CONNECT, auth included.
+    pub connect_timeout: Duration,
+    /// Largest websocket message or frame a client may send.
+    pub max_client_message_bytes: usize,
     /// sled's page cache size.
     pub cache_bytes: u64,
     /// Free disk space below which new messages are refused (507); 0 disables the check.
@@ -274,6 +280,9 @@ struct RawServer {
     max_queue_len: u64,
     max_queue_bytes: u64,
     max_concurrent_auth: u64,
+    max_auth_queue: u64,
+    connect_timeout_secs: u64,
+    max_client_message_bytes: u64,
     cache_bytes: u64,
     min_free_disk_bytes: u64,
     request_timeout_secs: u64,
@@ -315,6 +324,11 @@ impl Default for RawServer {
             max_queue_len: queue.max_len,
             max_queue_bytes: queue.max_bytes,
             max_concurrent_auth: 64,
+            max_auth_queue: 1024,
+            // Room for a wait for an auth slot and the call itself, each up to auth_timeout_ms.
+            connect_timeout_secs: 30,
+            // Clients send acks and a namespace CONNECT; the engine.io default was 64 MiB.
+            max_client_message_bytes: 64 * 1024,
             cache_bytes: 64 * 1024 * 1024,
             min_free_disk_bytes: 256 * 1024 * 1024,
             request_timeout_secs: 30,
@@ -475,6 +489,22 @@ impl Config {
                 max_bytes: positive("server.max_queue_bytes", s.max_queue_bytes)?,
             },
             max_concurrent_auth: positive("server.max_concurrent_auth", s.max_concurrent_auth)? as usize,
+            max_auth_queue: positive("server.max_auth_queue", s.max_auth_queue)? as usize,
+            connect_timeout: {
+                let secs = positive("server.connect_timeout_secs", s.connect_timeout_secs)?;
+                if secs.saturating_mul(1000) <= s.auth_timeout_ms.saturating_mul(2) {
+                    return Err(invalid(
+                        "server.connect_timeout_secs",
+                        &secs.to_string(),
+                        "more than twice auth_timeout_ms (a wait for an auth slot, then the call)",
+                    ));
+                }
+                Duration::from_secs(secs)
+            },
+            max_client_message_bytes: match s.max_client_message_bytes {
+                n @ 1024..=0x4000_0000 => n as usize,
+                n => return Err(invalid("server.max_client_message_bytes", &n.to_string(), "1 KiB to 1 GiB")),
+            },
             cache_bytes: positive("server.cache_bytes", s.cache_bytes)?,
             min_free_disk_bytes: s.min_free_disk_bytes,
             request_timeout: Duration::from_secs(positive("server.request_timeout_secs", s.request_timeout_secs)?),
@@ -711,6 +741,9 @@ impl fmt::Display for Config {
         writeln!(f, "max_queue_len = {}", s.queue_limits.max_len)?;
         writeln!(f, "max_queue_bytes = {}", s.queue_limits.max_bytes)?;
         writeln!(f, "max_concurrent_auth = {}", s.max_concurrent_auth)?;
+        writeln!(f, "max_auth_queue = {}", s.max_auth_queue)?;
+        writeln!(f, "connect_timeout_secs = {}", s.connect_timeout.as_secs())?;
+        writeln!(f, "max_client_message_bytes = {}", s.max_client_message_bytes)?;
         writeln!(f, "cache_bytes = {}", s.cache_bytes)?;
         writeln!(f, "min_free_disk_bytes = {}", s.min_free_disk_bytes)?;
         writeln!(f, "request_timeout_secs = {}", s.request_timeout.as_secs())?;

@@ -218,7 +218,8 @@ pub fn resync(site: &str) {
     counter!("sio_push_resyncs_total", "site" => site.to_owned()).increment(1);
 }
 
-/// An auth call ended with `outcome` (`ok`, `refused`, `error`) after `took`.
+/// An auth call ended with `outcome` (`ok`, `refused`, `error`; `busy` when no slot could be had)
+/// after `took`.
 pub fn auth(site: &str, outcome: &'static str, took: Duration) {
     counter!("sio_push_auth_requests_total", "site" => site.to_owned(), "outcome" => outcome).increment(1);
     histogram!("sio_push_auth_duration_seconds", "site" => site.to_owned()).record(took.as_secs_f64());

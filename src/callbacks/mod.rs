@@ -1,10 +1,14 @@
 //! Calls to the customer's website: the auth endpoint and the presence callback.
 //!
 //! One shared reqwest client. Auth calls are bounded by a timeout and by a semaphore, so a
-//! reconnect storm queues here instead of flooding the website. Presence PUTs run in their own
-//! task with a timeout: a slow or failing website never delays delivery, it only gets a log line.
+//! reconnect storm queues here instead of flooding the website; the queue is bounded too, in
+//! length (`max_auth_queue`) and in time (`auth_timeout_ms`), and a client refused by either
+//! hears why. Presence PUTs run in tasks of their own with a timeout, as many at once as auth
+//! calls and at most `MAX_PRESENCE_PENDING` waiting: a slow or failing website never delays
+//! delivery, it only gets a log line (and a PUT over the bound is dropped, with one).
 //! Tokens go into headers and nowhere else: no log line carries one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,13 +50,40 @@ pub enum Presence {
     Disconnected,
 }
 
+/// Presence PUTs that may wait for a free slot; more are dropped (logged). A user reconnecting
+/// in a loop against a hung website would otherwise pile up tasks without bound.
+const MAX_PRESENCE_PENDING: usize = 10_000;
+
 /// The HTTP client for customer websites. Cheap to clone.
 #[derive(Clone)]
 pub struct Callbacks {
     client: reqwest::Client,
     auth_slots: Arc<Semaphore>,
+    /// Connections waiting for an auth slot, and how many may.
+    auth_waiting: Arc<AtomicUsize>,
+    max_auth_queue: usize,
     auth_timeout: Duration,
+    presence_slots: Arc<Semaphore>,
+    /// Presence PUTs spawned and not finished.
+    presence_pending: Arc<AtomicUsize>,
     callback_timeout: Duration,
+}
+
+/// Counts one waiter while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    /// Counts one more, unless `max` are counted already.
+    fn enter(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Callbacks {
@@ -65,14 +96,41 @@ impl Callbacks {
         Ok(Self {
             client,
             auth_slots: Arc::new(Semaphore::new(server.max_concurrent_auth)),
+            auth_waiting: Arc::default(),
+            max_auth_queue: server.max_auth_queue,
             auth_timeout: server.auth_timeout,
+            presence_slots: Arc::new(Semaphore::new(server.max_concurrent_auth)),
+            presence_pending: Arc::default(),
             callback_timeout: server.callback_timeout,
         })
     }
 
-    /// Asks the site's auth endpoint for the rooms of the client holding `token`.
+    /// Asks the site's auth endpoint for the rooms of the client holding `token`, once an auth
+    /// slot is free. Dropping the future (the client left) leaves the queue, or cancels the
+    /// call under way.
     pub async fn rooms(&self, site: &SiteConfig, token: &str, meta: Option<&str>) -> Result<Vec<String>, AuthError> {
-        let _slot = self.auth_slots.acquire().await.map_err(|_| AuthError::Other("shutting down".into()))?;
+        let _slot = match self.auth_slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let _waiting = Waiting::enter(&self.auth_waiting, self.max_auth_queue).ok_or_else(|| {
+                    crate::metrics::auth(&site.name, "busy", Duration::ZERO);
+                    AuthError::Other(format!(
+                        "too many connections waiting for authentication (server.max_auth_queue is {}); retry later",
+                        self.max_auth_queue
+                    ))
+                })?;
+                match tokio::time::timeout(self.auth_timeout, self.auth_slots.acquire()).await {
+                    Ok(slot) => slot.map_err(|_| AuthError::Other("shutting down".into()))?,
+                    Err(_) => {
+                        crate::metrics::auth(&site.name, "busy", self.auth_timeout);
+                        return Err(AuthError::Other(format!(
+                            "no auth slot free within auth_timeout_ms ({} ms); retry later",
+                            self.auth_timeout.as_millis()
+                        )));
+                    }
+                }
+            }
+        };
         let started = std::time::Instant::now();
         let result = self.call_auth(site, token, meta).await;
         let outcome = match &result {
@@ -126,7 +184,15 @@ impl Callbacks {
             .header(CONTENT_TYPE, "application/json")
             .body(body.to_string());
         let (site, user, timeout) = (site.name.clone(), user_room.to_owned(), self.callback_timeout);
+        let Some(pending) = Waiting::enter(&self.presence_pending, MAX_PRESENCE_PENDING) else {
+            crate::metrics::presence(&site, "dropped");
+            tracing::warn!(%site, room = %user, field, "presence callback dropped: {MAX_PRESENCE_PENDING} are waiting already");
+            return;
+        };
+        let slots = self.presence_slots.clone();
         tokio::spawn(async move {
+            let _pending = pending;
+            let Ok(_slot) = slots.acquire_owned().await else { return };
             match request.send().await {
                 Ok(r) if r.status().is_success() => {
                     crate::metrics::presence(&site, "ok");

@@ -61,7 +61,16 @@ pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Deli
         // could not key them, and a client must not be told it connected when it is not.
         let max = delivery_a.settings().max_name_bytes;
         names::check_length("deviceId", &q.device, max).map_err(|e| refuse(AuthError::Other(e)))?;
-        let rooms = callbacks.rooms(&site, &q.token, q.meta.as_deref()).await.map_err(refuse)?;
+        // A client that leaves while it waits for an auth slot, or for the call, takes its place
+        // in the queue and the call with it: the website is not asked about clients long gone.
+        let rooms = tokio::select! {
+            biased;
+            _ = socket.transport_closed() => {
+                tracing::info!(site = %name, sid = %socket.id, "client left while being authenticated: auth call dropped");
+                return Err(AuthError::Other("the client left".into()));
+            }
+            rooms = callbacks.rooms(&site, &q.token, q.meta.as_deref()) => rooms.map_err(refuse)?,
+        };
         for room in &rooms {
             names::check_length("A room name from the auth endpoint", room, max)
                 .map_err(|e| refuse(AuthError::Other(e)))?;

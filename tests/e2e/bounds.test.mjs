@@ -6,13 +6,16 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
+import http from "node:http";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
+import { createRequire } from "node:module";
 import { BIN, VERSIONS, startWebsite, startServer, oldEnv, client, ready, send, within } from "./helpers.mjs";
 
 const run = promisify(execFile);
+const WebSocket = createRequire(import.meta.url)("ws");
 let website, server;
 
 before(async () => {
@@ -151,5 +154,111 @@ test("blank settings that would misplace data or drop the site are startup error
     rmSync(cwd, { recursive: true, force: true });
     assert.equal(failed.code, 2);
     assert.match(failed.stderr, want);
+  }
+});
+
+/** Resolves once `pred()` holds, checking every 10 ms (for counters outside any event stream). */
+function until(pred) {
+  return new Promise((resolve) => {
+    const check = () => (pred() ? resolve() : setTimeout(check, 10));
+    check();
+  });
+}
+
+/** A raw engine.io websocket session (no socket.io client): resolves once open. */
+function rawSession(target, eio) {
+  const socket = new WebSocket(`ws://127.0.0.1:${target.port}/socket.io/?EIO=${eio}&transport=websocket`);
+  const closed = new Promise((resolve) => socket.on("close", (code) => resolve({ code, at: Date.now() })));
+  socket.on("error", () => {});
+  return new Promise((resolve, reject) => {
+    socket.on("open", () => resolve({ socket, closed }));
+    socket.on("error", reject);
+  });
+}
+
+test("a websocket message over max_client_message_bytes closes its connection before it is buffered", async () => {
+  for (const eio of [3, 4]) {
+    const { socket, closed } = await within(rawSession(server, eio), "a raw session");
+    // One well-formed socket.io event of 2 MiB, to the root namespace (which a 2.x session has
+    // joined at its handshake, and which ignores it): read whole, it would be buffered.
+    socket.send(`42["big","${"x".repeat(2 * 1024 * 1024)}"]`);
+    await within(closed, "the server to close the connection");
+    const health = await fetch(`${server.url}/healthcheck`);
+    assert.equal(health.status, 200);
+  }
+  // An ordinary client is unaffected.
+  const c = await ready("v4", server, { token: "t1", deviceId: "after-big" });
+  c.close();
+});
+
+test("sessions that never join a site are closed after connect_timeout_secs, both protocol generations", async () => {
+  const quick = await startServer(oldEnv(website, { SIO_PUSH_SERVER__AUTH_TIMEOUT_MS: "500", SIO_PUSH_SERVER__CONNECT_TIMEOUT_SECS: "2" }));
+  try {
+    const started = Date.now();
+    const sessions = await Promise.all([3, 4, 3, 4].map((eio) => within(rawSession(quick, eio), "a raw session")));
+    const closed = await Promise.all(sessions.map((s) => within(s.closed, "the idle session to be closed", 8000)));
+    for (const { at } of closed) {
+      const after = at - started;
+      assert.ok(after >= 1500 && after < 6000, `closed after ${after} ms`);
+    }
+    assert.match(quick.log, /no site's namespace joined within connect_timeout_secs/);
+    // A client that does join stays.
+    const c = await ready("v2", quick, { token: "t1", deviceId: "stays" });
+    await new Promise((r) => setTimeout(r, 2500));
+    assert.ok(c.socket.connected, "a joined 2.x client is not closed by the deadline");
+    c.close();
+  } finally {
+    await quick.cleanup();
+  }
+});
+
+test("the auth waiting room: bounded, refused with a clear error, and a client that leaves takes its call with it", async (t) => {
+  // A website whose auth endpoint hangs, and counts what it is asked.
+  let asked = 0;
+  const hung = await new Promise((resolve) => {
+    const s = http.createServer(() => asked++); // never answers
+    s.listen(0, "127.0.0.1", () => resolve(s));
+  });
+  const env = oldEnv(website, {
+    AUTH_URL: `http://127.0.0.1:${hung.address().port}/auth`,
+    SIO_PUSH_SERVER__MAX_CONCURRENT_AUTH: "2",
+    SIO_PUSH_SERVER__MAX_AUTH_QUEUE: "5",
+    SIO_PUSH_SERVER__AUTH_TIMEOUT_MS: "500",
+    SIO_PUSH_SERVER__CONNECT_TIMEOUT_SECS: "10",
+  });
+  const busy = await startServer(env);
+  try {
+    // 2 in flight, 5 waiting: the 8th is refused at once.
+    const first = Array.from({ length: 7 }, (_, i) => client("v4", busy, { token: `t${i}`, deviceId: `wait-${i}` }));
+    // Two calls reach the endpoint; the other five, which started with them, wait for a slot.
+    await within(until(() => asked === 2), "the first two auth calls");
+    await new Promise((r) => setTimeout(r, 100));
+    const eighth = client("v4", busy, { token: "t8", deviceId: "wait-8" });
+    assert.match(await eighth.refusal(), /^Auth error: too many connections waiting for authentication \(server\.max_auth_queue is 5\); retry later$/);
+    eighth.close();
+    // The waiting ones are refused once auth_timeout_ms has passed without a free slot.
+    // (Two waiters may get the slots the first two free, and time out in their call instead.)
+    const refusals = await Promise.all(first.map((c) => c.refusal()));
+    const noSlot = /^Auth error: no auth slot free within auth_timeout_ms \(500 ms\); retry later$/;
+    assert.ok(refusals.every((r) => noSlot.test(r) || /^Auth error: timed out/.test(r)), refusals.join("\n"));
+    assert.ok(refusals.filter((r) => noSlot.test(r)).length >= 3, refusals.join("\n"));
+    first.forEach((c) => c.close());
+    // 40 clients that leave after 200 ms: only the 2 calls that had a slot were made.
+    asked = 0;
+    const leavers = Array.from({ length: 40 }, (_, i) => client("v2", busy, { token: `l${i}`, deviceId: `leave-${i}` }));
+    leavers.forEach((c) => c.connected.catch(() => {})); // they leave before any answer
+    await new Promise((r) => setTimeout(r, 200));
+    leavers.forEach((c) => c.close());
+    await busy.logged(/client left while being authenticated/);
+    // Eight auth timeouts later: a queue that was not emptied would have made 16 more calls. A
+    // few may still be made, for waiters whose close the server had not read yet when a slot
+    // came free.
+    await new Promise((r) => setTimeout(r, 4000));
+    t.diagnostic(`${asked} auth calls for 40 clients that left after 200 ms`);
+    assert.ok(asked <= 10, `${asked} auth calls for 40 clients that left`);
+  } finally {
+    await busy.cleanup();
+    hung.closeAllConnections();
+    hung.close();
   }
 });

@@ -718,6 +718,19 @@ impl<A: Adapter> Socket<A> {
         &self.ns.path
     }
 
+    /// sio-push patch: resolves once the client's engine.io session is closed, also while the
+    /// namespace connect (its middleware) still runs. Lets a middleware stop waiting (for an
+    /// auth call, say) for a client that has left.
+    pub async fn transport_closed(&self) {
+        self.esocket.closed().await
+    }
+
+    /// sio-push patch: closes the client's engine.io session, as a transport failure would,
+    /// so that the client reconnects (a namespace disconnect would make it give up).
+    pub fn close_transport(&self) {
+        self.esocket.close(EIoDisconnectReason::TransportClose);
+    }
+
     /// # Close the engine.io connection if it is not already closed.
     ///
     /// Return a future that resolves when the underlying transport is closed.
