@@ -13,8 +13,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use std::future::IntoFuture;
-
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use axum::Router;
@@ -28,6 +26,7 @@ use crate::callbacks::Callbacks;
 use crate::config::{Config, Sources};
 use crate::delivery::{now_ms, Delivery, Settings};
 use crate::http::{self, AppState, RateLimiter};
+use crate::net;
 use crate::realtime;
 use crate::reload::Reloader;
 use crate::sites::Sites;
@@ -127,17 +126,16 @@ impl Application {
         tasks.spawn(watch_vitals(state.delivery.clone(), failed.clone(), shutdown.clone()));
         tasks.spawn(sweeper(state.delivery.clone(), server.sweep_interval, shutdown.clone()));
         tasks.spawn(crate::metrics::upkeep(crate::metrics::UPKEEP_EVERY, shutdown.clone()));
+        tasks.spawn(net::trim_after_floods(TRIM_EVERY, shutdown.clone()));
         if let Some((admin_listener, admin_router)) = admin {
             tracing::info!(listen = %admin_listener.local_addr()?, "admin API serving");
             tasks.spawn(state.history.clone().sample_until(shutdown.clone()));
-            let stop = shutdown.clone().cancelled_owned();
-            tasks.spawn(async move {
-                if let Err(e) =
-                    axum::serve(admin_listener, admin_router.into_make_service()).with_graceful_shutdown(stop).await
-                {
-                    tracing::error!(error.message = %e, "admin listener failed");
-                }
-            });
+            // Operators only, on loopback or a private network: the same header deadline, and a
+            // small cap of its own.
+            let limits = net::Limits { max_connections: ADMIN_CONNECTIONS, max_per_address: 0, ..server.connections };
+            let listener = admin_listener.tap_io(|tcp| net::no_delay(tcp));
+            let admission = net::Admission::new(limits, false);
+            tasks.spawn(net::serve(listener, admin_router, admission, shutdown.clone().cancelled_owned()));
         }
         if let Some(reloader) = &state.reloader {
             reloader.clone().reload_on_sighup(shutdown.clone())?;
@@ -157,24 +155,18 @@ impl Application {
         tracing::info!(listen = %listener.local_addr()?, tls = server.tls.is_some(), "serving");
         crate::notify::notify("READY=1");
         let stop = shutdown.clone().cancelled_owned();
-        // Routes are built once here; `axum::serve(listener, router)` would rebuild them for every
-        // connection (a sixth of the server's CPU per websocket connect).
-        let router = router.into_make_service();
-        let serve: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &server.tls
-        {
+        let admission = net::Admission::new(server.connections, true);
+        let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &server.tls {
             Some(files) => {
                 let config = crate::tls::server_config(&files.cert, &files.key)?;
                 let listener = TlsListener::new(listener, config, shutdown.clone())?;
-                Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
+                Box::pin(net::serve(listener, router, admission, stop))
             }
-            None => {
-                let listener = listener.tap_io(|tcp| no_delay(tcp));
-                Box::pin(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
-            }
+            None => Box::pin(net::serve(listener.tap_io(|tcp| net::no_delay(tcp)), router, admission, stop)),
         };
         let store = state.delivery.store().clone();
         let drain = async {
-            serve.await.context("HTTP server failed")?;
+            serve.await;
             let _ = closer.await;
             tasks.wait().await;
             store.flush().await?;
@@ -202,15 +194,10 @@ impl Application {
     }
 }
 
-/// Turns off Nagle's algorithm on an accepted connection. A push service writes small frames,
-/// often one right after another (the engine.io open packet, then the socket.io connect answer):
-/// with Nagle the second waits for the peer's delayed ACK, up to 40 ms. Node's HTTP server, which
-/// the old service ran on, sets it too.
-pub(crate) fn no_delay(tcp: &tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error.message = %e, "TCP_NODELAY not set");
-    }
-}
+/// Connections the admin listener takes at once.
+const ADMIN_CONNECTIONS: usize = 64;
+/// How often to check whether a passed flood left memory to give back.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often the vital components are checked.
 const VITALS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);

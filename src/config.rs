@@ -119,6 +119,8 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     /// Largest websocket message or frame a client may send.
     pub max_client_message_bytes: usize,
+    /// Caps on connections, and their header deadline (see `net`).
+    pub connections: crate::net::Limits,
     /// sled's page cache size.
     pub cache_bytes: u64,
     /// Free disk space below which new messages are refused (507); 0 disables the check.
@@ -283,6 +285,9 @@ struct RawServer {
     max_auth_queue: u64,
     connect_timeout_secs: u64,
     max_client_message_bytes: u64,
+    max_connections: u64,
+    max_connections_per_address: u64,
+    header_read_timeout_secs: u64,
     cache_bytes: u64,
     min_free_disk_bytes: u64,
     request_timeout_secs: u64,
@@ -329,6 +334,11 @@ impl Default for RawServer {
             connect_timeout_secs: 30,
             // Clients send acks and a namespace CONNECT; the engine.io default was 64 MiB.
             max_client_message_bytes: 64 * 1024,
+            // 0: the process's descriptor limit, less what the rest of it needs.
+            max_connections: 0,
+            // Generous for a carrier NAT; reverse proxies on private addresses are not counted.
+            max_connections_per_address: 4096,
+            header_read_timeout_secs: 10,
             cache_bytes: 64 * 1024 * 1024,
             min_free_disk_bytes: 256 * 1024 * 1024,
             request_timeout_secs: 30,
@@ -500,6 +510,17 @@ impl Config {
                     ));
                 }
                 Duration::from_secs(secs)
+            },
+            connections: crate::net::Limits {
+                max_connections: match s.max_connections {
+                    0 => crate::net::default_max_connections(),
+                    n => n as usize,
+                },
+                max_per_address: s.max_connections_per_address as usize,
+                header_read_timeout: Duration::from_secs(positive(
+                    "server.header_read_timeout_secs",
+                    s.header_read_timeout_secs,
+                )?),
             },
             max_client_message_bytes: match s.max_client_message_bytes {
                 n @ 1024..=0x4000_0000 => n as usize,
@@ -744,6 +765,9 @@ impl fmt::Display for Config {
         writeln!(f, "max_auth_queue = {}", s.max_auth_queue)?;
         writeln!(f, "connect_timeout_secs = {}", s.connect_timeout.as_secs())?;
         writeln!(f, "max_client_message_bytes = {}", s.max_client_message_bytes)?;
+        writeln!(f, "max_connections = {}", s.connections.max_connections)?;
+        writeln!(f, "max_connections_per_address = {}", s.connections.max_per_address)?;
+        writeln!(f, "header_read_timeout_secs = {}", s.connections.header_read_timeout.as_secs())?;
         writeln!(f, "cache_bytes = {}", s.cache_bytes)?;
         writeln!(f, "min_free_disk_bytes = {}", s.min_free_disk_bytes)?;
         writeln!(f, "request_timeout_secs = {}", s.request_timeout.as_secs())?;

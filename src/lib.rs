@@ -7,6 +7,7 @@
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
 //! - `telemetry`: log setup.
 //! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).
+//! - `net`: the accept loop: connection caps, header deadlines, no Nagle.
 //! - `tls`: optional https/wss on the main listener.
 //! - `shutdown`: signals to a cancellation token.
 //! - `notify`: systemd readiness notification.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod import;
 pub mod metrics;
 pub mod names;
+pub mod net;
 pub mod notify;
 pub mod ops;
 pub mod realtime;

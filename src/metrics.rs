@@ -104,6 +104,8 @@ fn describe() {
     describe_counter!("sio_push_devices_expired_total", "Devices forgotten after device_ttl");
     describe_counter!("sio_push_resyncs_total", "_resync events sent");
     describe_counter!("sio_push_slow_consumers_total", "Sockets disconnected because their buffer was full");
+    describe_gauge!("sio_push_connections_open", "TCP connections open on the main listener");
+    describe_counter!("sio_push_connections_refused_total", "Connections closed at once, over a connection cap");
     describe_counter!("sio_push_auth_requests_total", "Calls to auth_url, by outcome");
     describe_histogram!("sio_push_auth_duration_seconds", Unit::Seconds, "Latency of auth_url calls");
     describe_counter!("sio_push_presence_callbacks_total", "Presence PUTs to update_user_url, by outcome");
@@ -211,6 +213,18 @@ pub fn expired(site: &str) {
 /// A socket was disconnected for not reading.
 pub fn slow_consumer(site: &str) {
     counter!("sio_push_slow_consumers_total", "site" => site.to_owned()).increment(1);
+}
+
+/// The main listener holds `open` connections.
+pub fn connections(open: usize) {
+    static OPEN: OnceLock<metrics::Gauge> = OnceLock::new();
+    OPEN.get_or_init(|| gauge!("sio_push_connections_open")).set(open as f64);
+}
+
+/// A connection was closed at once, over a cap.
+pub fn connection_refused() {
+    static REFUSED: OnceLock<metrics::Counter> = OnceLock::new();
+    REFUSED.get_or_init(|| counter!("sio_push_connections_refused_total")).increment(1);
 }
 
 /// A `_resync` was sent.

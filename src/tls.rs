@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; a connection beyond them is closed at once. The connection caps
+/// (`net`) count connections once they are TLS streams, so this bounds what comes before.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -97,9 +101,14 @@ impl TlsListener {
                     },
                     _ = shutdown.cancelled() => return,
                 };
-                crate::app::no_delay(&stream);
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many TLS handshakes under way: connection closed");
+                    continue;
+                };
+                crate::net::no_delay(&stream);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _handshake = handshake;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

@@ -166,6 +166,21 @@ async fn reason_for_empty_errors(response: axum::response::Response) -> axum::re
     axum::response::Response::from_parts(parts, axum::body::Body::from(reason))
 }
 
+/// A connection admitted from the reserve (`net::RESERVE`, over `max_connections`) is for
+/// `/send` and the health checks; a socket.io session there is refused.
+async fn no_sessions_on_the_reserve(
+    request: Request<axum::body::Body>,
+) -> Result<Request<axum::body::Body>, axum::response::Response> {
+    use axum::response::IntoResponse;
+    let on_reserve = request.extensions().get::<crate::net::Peer>().is_some_and(|peer| peer.reserve);
+    if on_reserve && is_socket_io(&request) {
+        let reason = "Server full: too many connections (server.max_connections); retry later.";
+        return Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, [(axum::http::header::CONNECTION, "close")], reason)
+            .into_response());
+    }
+    Ok(request)
+}
+
 /// The whole router: HTTP routes, socket.io, request ids and tracing.
 ///
 /// The layers are one tower stack around the routes, not `Router::layer` calls: each of those
@@ -193,6 +208,7 @@ pub fn router(state: AppState, socketio: SocketIoLayer) -> Router {
             tracing::info_span!("http", method = %req.method(), route, request_id = id)
         }))
         .layer(axum::middleware::map_response(reason_for_empty_errors))
+        .layer(axum::middleware::map_request(no_sessions_on_the_reserve))
         .layer(cors)
         .layer(axum::middleware::map_request(own_request_head))
         .layer(socketio)

@@ -1,0 +1,155 @@
+// Floods a stranger can make before any auth, sized to this machine: thousands of idle
+// connections, a slowloris, idle keep-alive connections, sessions up to the connection cap, a
+// stream of handshakes that never join a site. While each runs, /healthcheck and /send must
+// answer within a second; after, the server's memory is reported (diagnostics), not asserted.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import net from "node:net";
+import { startWebsite, startServer, oldEnv, client, ready, send, within } from "./helpers.mjs";
+
+let website;
+
+before(async () => {
+  website = await startWebsite();
+  for (let i = 0; i < 40; i++) website.tokens.set(`t${i}`, [`user_${i}`]);
+});
+after(() => website?.close());
+
+/** The server's resident memory, in MiB. */
+function rssMiB(server) {
+  const kib = Number(readFileSync(`/proc/${server.child.pid}/status`, "utf8").match(/VmRSS:\s+(\d+)/)[1]);
+  return Math.round(kib / 102.4) / 10;
+}
+
+/** /healthcheck and a /send, each on a new connection, within a second. */
+async function stillServing(server) {
+  const started = Date.now();
+  const health = await within(fetch(`${server.url}/healthcheck`, { headers: { Connection: "close" } }), "/healthcheck", 1000);
+  assert.equal(health.status, 200);
+  const sent = await within(send(server, { body: { rooms: "user_0", event: "e" }, headers: { Connection: "close" } }), "/send", 1000);
+  assert.equal(sent.status, 200);
+  return Date.now() - started;
+}
+
+/** Opens `n` TCP connections that send nothing; resolves once all are connected or refused. */
+async function idle(server, n) {
+  const sockets = [];
+  let closedByServer = 0;
+  await Promise.all(
+    Array.from({ length: n }, () => new Promise((resolve) => {
+      const s = net.connect(server.port, "127.0.0.1", resolve);
+      s.on("error", resolve);
+      s.on("close", () => closedByServer++);
+      sockets.push(s);
+    })),
+  );
+  return { sockets, closed: () => closedByServer, destroy: () => sockets.forEach((s) => s.destroy()) };
+}
+
+test("thousands of idle connections: the caps hold, health checks and /send answer, idle ones are closed", async (t) => {
+  const server = await startServer(oldEnv(website, {
+    SIO_PUSH_SERVER__MAX_CONNECTIONS: "500",
+    SIO_PUSH_SERVER__HEADER_READ_TIMEOUT_SECS: "3",
+  }));
+  try {
+    const baseline = rssMiB(server);
+    const flood = await idle(server, 2000);
+    const during = rssMiB(server);
+    const took = await stillServing(server);
+    t.diagnostic(`2,000 idle connections: RSS ${baseline} -> ${during} MiB; health and /send answered in ${took} ms`);
+    await server.logged(/connection closed at once|too many connections/).catch(() => {});
+    // Every idle one is closed by the server within the header deadline (or at once, over the caps).
+    await within(new Promise((resolve) => {
+      const check = () => (flood.closed() === 2000 ? resolve() : setTimeout(check, 50));
+      check();
+    }), "the server to close every idle connection", 8000);
+    flood.destroy();
+    const afterwards = rssMiB(server);
+    t.diagnostic(`after they closed: RSS ${afterwards} MiB`);
+    await stillServing(server);
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("a slowloris and an idle keep-alive connection are closed after header_read_timeout_secs", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__HEADER_READ_TIMEOUT_SECS: "2" }));
+  try {
+    const started = Date.now();
+    const slow = net.connect(server.port, "127.0.0.1");
+    const request = "GET /healthcheck HTTP/1.1\r\nHost: x\r\nX-Slow: " + "a".repeat(100);
+    let i = 0;
+    const drip = setInterval(() => i < request.length && slow.write(request[i++]), 200);
+    const slowClosed = new Promise((resolve) => slow.on("close", resolve));
+    slow.on("error", () => {});
+    assert.ok((await stillServing(server)) < 1000);
+    await within(slowClosed, "the slowloris to be closed", 6000);
+    clearInterval(drip);
+    const after = Date.now() - started;
+    assert.ok(after >= 1500 && after < 5000, `closed after ${after} ms`);
+    // A keep-alive connection that stays idle after its request.
+    const keep = net.connect(server.port, "127.0.0.1", () => keep.write("GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let answer = "";
+    keep.on("data", (d) => (answer += d));
+    const keptAt = Date.now();
+    await within(new Promise((resolve) => keep.on("close", resolve)), "the idle keep-alive connection to be closed", 6000);
+    assert.match(answer, /^HTTP\/1\.1 200/);
+    assert.ok(Date.now() - keptAt >= 1500, "kept open for the deadline");
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("sessions up to max_connections: the next session is refused, /send and health checks answer from the reserve", async () => {
+  const server = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_CONNECTIONS: "20" }));
+  try {
+    const held = [];
+    for (let i = 0; i < 20; i++) held.push(await ready("v4", server, { token: `t${i}`, deviceId: "cap", transports: ["websocket"] }));
+    const over = client("v4", server, { token: "t30", deviceId: "cap", transports: ["websocket"] });
+    await assert.rejects(over.connected);
+    over.close();
+    assert.ok((await stillServing(server)) < 1000);
+    const full = await fetch(`${server.url}/socket.io/?EIO=4&transport=polling`);
+    assert.equal(full.status, 503);
+    assert.match(await full.text(), /Server full: too many connections \(server\.max_connections\)/);
+    held.pop().close();
+    await within(new Promise((resolve) => {
+      const retry = () => {
+        const c = client("v4", server, { token: "t31", deviceId: "cap", transports: ["websocket"] });
+        c.connected.then(() => (c.close(), resolve()), () => (c.close(), setTimeout(retry, 100)));
+      };
+      retry();
+    }), "a session once a place is free");
+    held.forEach((c) => c.close());
+  } finally {
+    await server.cleanup();
+  }
+});
+
+test("a stream of handshakes that never join a site: answered, then closed after connect_timeout_secs", async (t) => {
+  const server = await startServer(oldEnv(website, {
+    SIO_PUSH_SERVER__AUTH_TIMEOUT_MS: "1000",
+    SIO_PUSH_SERVER__CONNECT_TIMEOUT_SECS: "3",
+  }));
+  try {
+    const baseline = rssMiB(server);
+    const started = Date.now();
+    let opened = 0;
+    while (Date.now() - started < 2000) {
+      const batch = await Promise.all(
+        Array.from({ length: 50 }, () => fetch(`${server.url}/socket.io/?EIO=${opened % 2 ? 3 : 4}&transport=polling`).then((r) => r.text())),
+      );
+      opened += batch.length;
+    }
+    const during = rssMiB(server);
+    assert.ok((await stillServing(server)) < 1000);
+    // Past connect_timeout_secs, and past the next check for free memory to give back (10 s).
+    await new Promise((resolve) => setTimeout(resolve, 11000));
+    const afterwards = rssMiB(server);
+    t.diagnostic(`${opened} handshakes in 2 s: RSS ${baseline} -> ${during} MiB, ${afterwards} MiB once they timed out`);
+    await stillServing(server);
+  } finally {
+    await server.cleanup();
+  }
+});
