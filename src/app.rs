@@ -99,7 +99,7 @@ impl Application {
         };
         let router = http::router(state.clone(), layer);
         let listener =
-            TcpListener::bind(server.listen).await.with_context(|| format!("cannot listen on {}", server.listen))?;
+            net::bind(server.listen).with_context(|| format!("cannot listen on {}", server.listen))?;
         let admin = match admin_config {
             Some(admin) => {
                 let listener = TcpListener::bind(admin.listen)

@@ -292,6 +292,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
+/// Connections the kernel may hold for us before we accept them (it caps this at
+/// `net.core.somaxconn`). Rust's default of 128 overflows in a reconnect storm, after a deploy
+/// say, and an overflowed client waits a second or more to retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the main listener, with a backlog fit for reconnect storms.
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Turns off Nagle's algorithm on an accepted connection. A push service writes small frames,
 /// often one right after another (the engine.io open packet, then the socket.io connect answer):
 /// with Nagle the second waits for the peer's delayed ACK, up to 40 ms. Node's HTTP server, which
