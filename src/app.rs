@@ -98,8 +98,7 @@ impl Application {
             limiter: Arc::new(RateLimiter::default()),
         };
         let router = http::router(state.clone(), layer);
-        let listener =
-            net::bind(server.listen).with_context(|| format!("cannot listen on {}", server.listen))?;
+        let listener = net::bind(server.listen).with_context(|| format!("cannot listen on {}", server.listen))?;
         let admin = match admin_config {
             Some(admin) => {
                 let listener = TcpListener::bind(admin.listen)
