@@ -157,14 +157,6 @@ test("blank settings that would misplace data or drop the site are startup error
   }
 });
 
-/** Resolves once `pred()` holds, checking every 10 ms (for counters outside any event stream). */
-function until(pred) {
-  return new Promise((resolve) => {
-    const check = () => (pred() ? resolve() : setTimeout(check, 10));
-    check();
-  });
-}
-
 /** A raw engine.io websocket session (no socket.io client): resolves once open. */
 function rawSession(target, eio) {
   const socket = new WebSocket(`ws://127.0.0.1:${target.port}/socket.io/?EIO=${eio}&transport=websocket`);
@@ -228,19 +220,18 @@ test("the auth waiting room: bounded, refused with a clear error, and a client t
   });
   const busy = await startServer(env);
   try {
-    // 2 in flight, 5 waiting: the 8th is refused at once.
-    const first = Array.from({ length: 7 }, (_, i) => client("v4", busy, { token: `t${i}`, deviceId: `wait-${i}` }));
-    // Two calls reach the endpoint; the other five, which started with them, wait for a slot.
-    await within(until(() => asked === 2), "the first two auth calls");
-    await new Promise((r) => setTimeout(r, 100));
-    const eighth = client("v4", busy, { token: "t8", deviceId: "wait-8" });
-    assert.match(await eighth.refusal(), /^Auth error: too many connections waiting for authentication \(server\.max_auth_queue is 5\); retry later$/);
-    eighth.close();
-    // The waiting ones are refused once auth_timeout_ms has passed without a free slot.
-    // (Two waiters may get the slots the first two free, and time out in their call instead.)
+    // 12 at once: 2 get a slot (and hang), 5 wait, and the queue being full, the rest are
+    // refused at once. The waiters are refused once auth_timeout_ms has passed without a free
+    // slot; two of them may get the slots the first two free, and time out in their call instead.
+    const first = Array.from({ length: 12 }, (_, i) => client("v4", busy, { token: `t${i}`, deviceId: `wait-${i}` }));
     const refusals = await Promise.all(first.map((c) => c.refusal()));
+    const full = /^Auth error: too many connections waiting for authentication \(server\.max_auth_queue is 5\); retry later$/;
     const noSlot = /^Auth error: no auth slot free within auth_timeout_ms \(500 ms\); retry later$/;
-    assert.ok(refusals.every((r) => noSlot.test(r) || /^Auth error: timed out/.test(r)), refusals.join("\n"));
+    const timedOut = /^Auth error: timed out/;
+    assert.ok(refusals.every((r) => full.test(r) || noSlot.test(r) || timedOut.test(r)), refusals.join("\n"));
+    // 5 when all arrive within auth_timeout_ms, as here; fewer if a slot came free meanwhile.
+    const refusedAtOnce = refusals.filter((r) => full.test(r)).length;
+    assert.ok(refusedAtOnce >= 1 && refusedAtOnce <= 5, refusals.join("\n"));
     assert.ok(refusals.filter((r) => noSlot.test(r)).length >= 3, refusals.join("\n"));
     first.forEach((c) => c.close());
     // 40 clients that leave after 200 ms: only the 2 calls that had a slot were made.
