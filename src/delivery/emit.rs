@@ -1,4 +1,5 @@
-//! What goes out to a socket outside the connect sequence, and how a failed emit is handled.
+//! What goes out to a device's socket besides `_settings` and `_batch` (live messages and
+//! `_resync`), and how a failed emit is handled.
 
 use std::sync::Arc;
 
