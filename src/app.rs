@@ -76,6 +76,7 @@ impl Application {
             max_message_bytes: server.max_message_bytes,
             idempotency_window: server.idempotency_window,
             max_sockets_per_device: server.max_sockets_per_device,
+            max_devices_per_user: server.max_devices_per_user,
             max_name_bytes: server.max_name_bytes,
         };
         let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));

@@ -95,6 +95,10 @@ pub struct ServerConfig {
     pub max_buffer_packets: usize,
     /// Sockets one device may hold; a new one beyond this evicts the oldest.
     pub max_sockets_per_device: usize,
+    /// Devices one user room may have registered (the public channel excepted): a new device
+    /// beyond this forgets the room's device that disconnected first, or is refused if all are
+    /// connected.
+    pub max_devices_per_user: u64,
     /// Timeout of one call to a site's auth endpoint.
     pub auth_timeout: Duration,
     /// Timeout of one presence callback (`update_user_url`).
@@ -272,6 +276,7 @@ struct RawServer {
     ack_timeout_secs: u64,
     max_buffer_packets: u64,
     max_sockets_per_device: u64,
+    max_devices_per_user: u64,
     auth_timeout_ms: u64,
     callback_timeout_ms: u64,
     max_body_bytes: u64,
@@ -316,6 +321,9 @@ impl Default for RawServer {
             max_buffer_packets: 1024,
             // One device id in every tab of a browser: generous for tabs, bounded for loops.
             max_sockets_per_device: 32,
+            // Phones, tablets and browsers of one person, with room to spare; a client picks its
+            // deviceId, so without a cap one token could register devices without end.
+            max_devices_per_user: 100,
             auth_timeout_ms: 10_000,
             callback_timeout_ms: 10_000,
             max_body_bytes: 1024 * 1024,
@@ -481,6 +489,7 @@ impl Config {
             ack_timeout: Duration::from_secs(positive("server.ack_timeout_secs", s.ack_timeout_secs)?),
             max_buffer_packets: positive("server.max_buffer_packets", s.max_buffer_packets)? as usize,
             max_sockets_per_device: positive("server.max_sockets_per_device", s.max_sockets_per_device)? as usize,
+            max_devices_per_user: positive("server.max_devices_per_user", s.max_devices_per_user)?,
             auth_timeout: Duration::from_millis(positive("server.auth_timeout_ms", s.auth_timeout_ms)?),
             callback_timeout: Duration::from_millis(positive("server.callback_timeout_ms", s.callback_timeout_ms)?),
             max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)? as usize,
@@ -752,6 +761,7 @@ impl fmt::Display for Config {
         writeln!(f, "ack_timeout_secs = {}", s.ack_timeout.as_secs())?;
         writeln!(f, "max_buffer_packets = {}", s.max_buffer_packets)?;
         writeln!(f, "max_sockets_per_device = {}", s.max_sockets_per_device)?;
+        writeln!(f, "max_devices_per_user = {}", s.max_devices_per_user)?;
         writeln!(f, "auth_timeout_ms = {}", s.auth_timeout.as_millis())?;
         writeln!(f, "callback_timeout_ms = {}", s.callback_timeout.as_millis())?;
         writeln!(f, "max_body_bytes = {}", s.max_body_bytes)?;

@@ -49,6 +49,9 @@ enum Scenario {
     Replay(ReplayArgs),
     /// A data dir with K queued messages on each of N devices: time until serving again.
     Restart(ReplayArgs),
+    /// R POSTs of B bytes to a shared room of N offline devices: what one message costs the
+    /// store as its audience grows (time to answer, bytes written, memory).
+    Queue(QueueArgs),
     /// Both, small, checking only correctness (for the test suite).
     Smoke(Common),
 }
@@ -121,6 +124,21 @@ struct ReplayArgs {
     per_device: usize,
 }
 
+#[derive(Args)]
+struct QueueArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Offline devices, all in the shared room.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// POSTs to the shared room, one after the other.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Size of each message's argument, in bytes (`max_message_bytes` is 512 KiB).
+    #[arg(long, default_value_t = 500_000)]
+    bytes: usize,
+}
+
 /// One thread: the generator then competes with the server for at most one of the two cores,
 /// and its threads do not wake each other (with two workers, context switches were the largest
 /// part of its profile, and they slowed the server too: unicast measured 16k msg/s at 0.071 ms
@@ -137,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Fanout(a) => run("fanout", a.common.limit(), fanout(&a.common, a.clients, a.rounds)).await,
         Scenario::Replay(a) => run("replay", a.common.limit(), replay(&a.common, a.clients, a.per_device)).await,
         Scenario::Restart(a) => run("restart", a.common.limit(), restart(&a.common, a.clients, a.per_device)).await,
+        Scenario::Queue(a) => run("queue", a.common.limit(), queue(&a.common, a.clients, a.rounds, a.bytes)).await,
         Scenario::Smoke(common) => {
             let limit = common.limit().min(Duration::from_secs(120));
             run("connect", limit, connect(&common, 50, 10)).await?;
@@ -428,6 +447,56 @@ async fn fanout(
     drop(clients);
     server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
+}
+
+async fn queue(
+    common: &Common,
+    n: usize,
+    rounds: usize,
+    bytes: usize,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let server = Server::start(&common.server_bin).await?;
+    register_offline(&server, n).await?;
+    let http = reqwest::Client::new();
+    let (written_before, cpu_before) = (server.written_bytes()?, server.cpu_secs()?);
+    let mut answered = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let body = json!({ "rooms": ["all"], "event": "msg", "args": [round, "x".repeat(bytes)] });
+        let posted = Instant::now();
+        server.send(&http, &body).await?;
+        answered.push(posted.elapsed());
+    }
+    let written = server.written_bytes()? - written_before;
+    let cpu = server.cpu_secs()? - cpu_before;
+    let peak = server.peak_rss_kib()?;
+    answered.sort();
+    let stopping = Instant::now();
+    let data = server.stop_within(Duration::from_secs(600)).await?;
+    let stopped = stopping.elapsed();
+    let figures = json!({
+        "devices": n,
+        "rounds": rounds,
+        "message_bytes": bytes,
+        "ms_to_answer_p50": percentile(&answered, 0.5),
+        "ms_to_answer_max": percentile(&answered, 1.0),
+        "mib_written_per_message": (written as f64 / rounds as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
+        "server_cpu_secs_per_message": secs(cpu / rounds as f64),
+        "server_peak_rss_mib": (peak as f64 / 1024.0 * 10.0).round() / 10.0,
+    "secs_to_stop": secs(stopped.as_secs_f64()),
+        "data_dir_mib_after_stop": (dir_bytes(data.path())? as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
+    });
+    Ok(figures.as_object().cloned().expect("an object"))
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() { dir_bytes(&entry.path())? } else { meta.len() };
+    }
+    Ok(total)
 }
 
 /// Registers `n` devices (clients 0..n), then takes them all offline.

@@ -124,18 +124,38 @@ impl Server {
 
     /// The server's resident memory, in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The server's peak resident memory so far, in KiB.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-        Ok(line.split_whitespace().nth(1).context("malformed VmRSS")?.parse()?)
+        let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
+        Ok(line.split_whitespace().nth(1).with_context(|| format!("malformed {field}"))?.parse()?)
+    }
+
+    /// Bytes the server has caused to be written to storage so far (`write_bytes` of
+    /// `/proc/PID/io`: what reached the page cache for the disk, not what the process asked).
+    pub fn written_bytes(&self) -> anyhow::Result<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid))?;
+        let line = io.lines().find(|l| l.starts_with("write_bytes:")).context("no write_bytes")?;
+        Ok(line.split_whitespace().nth(1).context("malformed write_bytes")?.parse()?)
     }
 
     /// SIGTERM, and wait for a clean exit; returns the data dir, for a restart on it.
-    pub async fn stop(mut self) -> anyhow::Result<tempfile::TempDir> {
+    pub async fn stop(self) -> anyhow::Result<tempfile::TempDir> {
+        self.stop_within(Duration::from_secs(25)).await
+    }
+
+    /// As [`Server::stop`], waiting up to `limit` for the exit.
+    pub async fn stop_within(mut self, limit: Duration) -> anyhow::Result<tempfile::TempDir> {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(25), self.child.wait())
-            .await
-            .context("the server did not stop")??;
+        let status = tokio::time::timeout(limit, self.child.wait()).await.context("the server did not stop")??;
         self.auth.abort();
         if !status.success() {
             bail!("the server exited with {status}");

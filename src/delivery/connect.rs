@@ -10,7 +10,7 @@ use super::{now_ms, resync_sent, Client, Delivery};
 use crate::callbacks::Presence;
 use crate::config::SiteConfig;
 use crate::metrics;
-use crate::store::{Ack, Connected, DeviceKey, Queued};
+use crate::store::{Ack, Connected, DeviceKey, Queued, StoreError};
 
 impl Delivery {
     /// Runs the accepted-connection sequence of PROTOCOL.md for one socket. Each device is
@@ -20,6 +20,7 @@ impl Delivery {
     pub async fn connect(&self, site: &SiteConfig, socket: SocketRef, client: &Client) {
         socket.join(client.rooms.clone());
         let mut registered = Vec::new();
+        let mut refused = false;
         if site.reliable() {
             for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
                 let dev = DeviceKey::new(&site.name, user, &client.device);
@@ -30,8 +31,21 @@ impl Delivery {
                     tracing::warn!(site = %site.name, room = %user, device = %dev.device, sid = %evicted.id, "too many sockets for one device: the oldest is disconnected");
                     let _ = evicted.disconnect();
                 }
-                match self.store.connect(&dev, &client.rooms).await {
-                    Ok(connected) => registered.push((dev, connected)),
+                // The public channel's devices are anonymous visitors: only `device_ttl` bounds them.
+                let max_devices =
+                    (site.public_channel.as_deref() != Some(user)).then_some(self.settings.max_devices_per_user);
+                match self.store.connect(&dev, &client.rooms, max_devices).await {
+                    Ok(connected) => {
+                        for gone in &connected.forgotten {
+                            tracing::warn!(site = %site.name, room = %user, device = %gone.device, new_device = %dev.device, "device forgotten with its queue: its user room reached server.max_devices_per_user and it disconnected first");
+                        }
+                        registered.push((dev, connected));
+                    }
+                    Err(e @ StoreError::TooManyDevices { .. }) => {
+                        order.remove(socket.id);
+                        refused = true;
+                        tracing::warn!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, error.message = %e, "new device refused and disconnected");
+                    }
                     Err(e) => {
                         order.remove(socket.id);
                         tracing::error!(site = %site.name, room = %user, device = %dev.device, error.message = %e, "device not registered");
@@ -39,9 +53,16 @@ impl Delivery {
                 }
             }
         }
-        let ttl = self.settings.device_ttl.as_secs();
-        if let Err(e) = socket.emit("_settings", &serde_json::json!({ "device_ttl": ttl })) {
-            tracing::debug!(site = %site.name, error.message = %e, "_settings not sent");
+        // A client whose device did not fit is disconnected before `_settings`: it must not
+        // believe it will get what is sent while it is away.
+        if refused {
+            let _ = socket.clone().disconnect();
+            registered.clear();
+        } else {
+            let ttl = self.settings.device_ttl.as_secs();
+            if let Err(e) = socket.emit("_settings", &serde_json::json!({ "device_ttl": ttl })) {
+                tracing::debug!(site = %site.name, error.message = %e, "_settings not sent");
+            }
         }
         for (dev, connected) in registered {
             tracing::info!(site = %site.name, room = %dev.user, device = %dev.device, sid = %socket.id, queued = connected.pending.len(), "device connected");
@@ -60,7 +81,7 @@ impl Delivery {
     /// Ends a device's connect on `socket`: `_resync` if owed, the `_batch`, then the live
     /// messages held meanwhile.
     async fn open(&self, dev: &DeviceKey, socket: &SocketRef, connected: Connected) {
-        let Connected { pending, resync, watermark } = connected;
+        let Connected { pending, resync, watermark, .. } = connected;
         let batch = batch(dev, &pending);
         let mut failed = None;
         let mut resyncs_sent = Vec::new();

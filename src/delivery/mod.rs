@@ -85,6 +85,8 @@ pub struct Settings {
     pub idempotency_window: Duration,
     /// See `ServerConfig::max_sockets_per_device`.
     pub max_sockets_per_device: usize,
+    /// See `ServerConfig::max_devices_per_user`.
+    pub max_devices_per_user: u64,
     /// See `ServerConfig::max_name_bytes`.
     pub max_name_bytes: usize,
 }
@@ -294,7 +296,7 @@ mod tests {
         let store = MemoryStore::new();
         for (user, rooms) in users {
             let rooms: Vec<String> = rooms.iter().map(|r| r.to_string()).collect();
-            store.connect(&DeviceKey::new("shop", user, "d"), &rooms).await.unwrap();
+            store.connect(&DeviceKey::new("shop", user, "d"), &rooms, None).await.unwrap();
         }
         let (_svc, io) = SocketIo::new_svc();
         let callbacks = Callbacks::new(&config.server).unwrap();
@@ -304,6 +306,7 @@ mod tests {
             max_message_bytes: config.server.max_message_bytes,
             idempotency_window: config.server.idempotency_window,
             max_sockets_per_device: config.server.max_sockets_per_device,
+            max_devices_per_user: config.server.max_devices_per_user,
             max_name_bytes: config.server.max_name_bytes,
         };
         let site = Arc::new(config.sites["shop"].clone());

@@ -5,13 +5,19 @@
 //! prefix of whole parts selects exactly the records below it, whatever bytes names contain.
 //! Queue keys end in the message id, big-endian, so a device's queue scans in send order.
 //!
+//! A message is stored once, however many devices it is queued for: a queue entry of a message
+//! for one device holds the message itself; a message for more is kept under its id (`b`) with
+//! the number of queue entries referring to it (`n`), and the last entry to go takes both.
+//!
 //! | kind | parts                          | value                      |
 //! |------|--------------------------------|----------------------------|
 //! | `d`  | site, user room, device        | `DeviceState` (JSON); its queue counts are stale, the writer counts queues |
 //! | `u`  | site, user room                | room list (JSON)           |
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
 //! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |
-//! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), then the entry `[event, ...args]` |
+//! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), entry bytes (u64 BE), `1` if the entry follows (else `0`), event length (u16 BE), event, then the entry `[event, ...args]` if it follows |
+//! | `b`  | id (u64 BE)                    | the entry of a message queued for several devices |
+//! | `n`  | id (u64 BE)                    | queue entries referring to `b` of that id (u64 BE) |
 //! | `i`  | (none)                         | message ids reserved: every id below it may be in use (u64 BE) |
 
 use super::{DeviceKey, MessageId, Millis, StoreError};
@@ -21,6 +27,8 @@ pub(super) const USER: u8 = b'u';
 pub(super) const ROOM: u8 = b'r';
 pub(super) const QUEUE: u8 = b'q';
 pub(super) const IDEMPOTENCY: u8 = b'k';
+pub(super) const BODY: u8 = b'b';
+pub(super) const REFS: u8 = b'n';
 /// The one key holding how far message ids are reserved.
 pub(super) const IDS_RESERVED: &[u8] = b"i";
 
@@ -75,23 +83,71 @@ pub(super) fn queued(queue_prefix: &[u8], id: MessageId) -> Vec<u8> {
     out
 }
 
-/// A queue value: when it was queued, then the entry.
-pub(super) fn queued_value(at: Millis, entry: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + entry.len());
+/// A queue entry's value, split (see the table above).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct QueuedValue<'a> {
+    /// When it was queued.
+    pub at: Millis,
+    /// Bytes of the entry (what `queue_bytes` counts).
+    pub size: u64,
+    /// The event of the entry, for the order check of `resync` acks.
+    pub event: &'a str,
+    /// The entry itself, for a message queued for one device; `None` when it is kept once under
+    /// [`body`].
+    pub inline: Option<&'a str>,
+}
+
+/// A queue entry's value.
+pub(super) fn queued_value(at: Millis, size: usize, event: &str, inline: Option<&str>) -> Vec<u8> {
+    let event = &event.as_bytes()[..event.len().min(u16::MAX as usize)];
+    let entry = inline.unwrap_or("").as_bytes();
+    let mut out = Vec::with_capacity(19 + event.len() + entry.len());
     out.extend_from_slice(&at.to_be_bytes());
-    out.extend_from_slice(entry.as_bytes());
+    out.extend_from_slice(&(size as u64).to_be_bytes());
+    out.push(u8::from(inline.is_some()));
+    out.extend_from_slice(&(event.len() as u16).to_be_bytes());
+    out.extend_from_slice(event);
+    out.extend_from_slice(entry);
     out
 }
 
-/// The two halves of a queue value; `None` if it is not well formed.
-pub(super) fn split_queued_value(value: &[u8]) -> Option<(Millis, &str)> {
-    let at: [u8; 8] = value.get(..8)?.try_into().ok()?;
-    Some((Millis::from_be_bytes(at), std::str::from_utf8(&value[8..]).ok()?))
+/// The parts of a queue value; `None` if it is not well formed.
+pub(super) fn split_queued_value(value: &[u8]) -> Option<QueuedValue<'_>> {
+    let u64_at = |at: usize| Some(u64::from_be_bytes(value.get(at..at + 8)?.try_into().ok()?));
+    let (at, size, inline) = (u64_at(0)?, u64_at(8)?, *value.get(16)?);
+    let event_len = u16::from_be_bytes(value.get(17..19)?.try_into().ok()?) as usize;
+    let event = std::str::from_utf8(value.get(19..19 + event_len)?).ok()?;
+    let rest = &value[19 + event_len..];
+    let inline = match inline {
+        0 if rest.is_empty() => None,
+        1 => Some(std::str::from_utf8(rest).ok()?),
+        _ => return None,
+    };
+    Some(QueuedValue { at, size, event, inline })
 }
 
-/// The entry's length in a queue value (what `queue_bytes` counts).
-pub(super) fn queued_entry_len(value: &[u8]) -> u64 {
-    value.len().saturating_sub(8) as u64
+/// A queue value as schema 1 wrote it (queued-at ms, then the entry): `(at, entry)`. Its ninth
+/// byte is the entry's `[`, where a value of today's layout has the high byte of a size.
+pub(super) fn split_v1_queued_value(value: &[u8]) -> Option<(Millis, &str)> {
+    let at: [u8; 8] = value.get(..8)?.try_into().ok()?;
+    let entry = std::str::from_utf8(value.get(8..)?).ok()?;
+    entry.starts_with('[').then_some((Millis::from_be_bytes(at), entry))
+}
+
+/// The key of a message kept once for several devices.
+pub(super) fn body(id: MessageId) -> [u8; 9] {
+    by_id(BODY, id)
+}
+
+/// The key of the count of queue entries referring to [`body`].
+pub(super) fn refs(id: MessageId) -> [u8; 9] {
+    by_id(REFS, id)
+}
+
+fn by_id(kind: u8, id: MessageId) -> [u8; 9] {
+    let mut out = [kind; 9];
+    out[1..].copy_from_slice(&id.to_be_bytes());
+    out
 }
 
 /// An idempotency record's key.
@@ -203,10 +259,28 @@ mod tests {
 
     #[test]
     fn queue_values_round_trip() {
-        let value = queued_value(1_700_000_000_123, r#"["e",1]"#);
-        assert_eq!(split_queued_value(&value), Some((1_700_000_000_123, r#"["e",1]"#)));
-        assert_eq!(queued_entry_len(&value), 7);
+        let value = queued_value(1_700_000_000_123, 7, "e", Some(r#"["e",1]"#));
+        let split = QueuedValue { at: 1_700_000_000_123, size: 7, event: "e", inline: Some(r#"["e",1]"#) };
+        assert_eq!(split_queued_value(&value), Some(split));
+        let value = queued_value(5, 300_000, "ü\n", None);
+        assert_eq!(split_queued_value(&value), Some(QueuedValue { at: 5, size: 300_000, event: "ü\n", inline: None }));
         assert_eq!(split_queued_value(b"short"), None);
+        assert_eq!(split_v1_queued_value(&value), None);
+    }
+
+    #[test]
+    fn schema_1_queue_values_are_told_apart() {
+        let mut v1 = 1_700_000_000_123u64.to_be_bytes().to_vec();
+        v1.extend_from_slice(br#"["e",1]"#);
+        assert_eq!(split_v1_queued_value(&v1), Some((1_700_000_000_123, r#"["e",1]"#)));
+        assert_eq!(split_queued_value(&v1), None);
+    }
+
+    #[test]
+    fn message_keys_sort_by_id_and_differ_by_kind() {
+        assert!(body(255) < body(256) && refs(0) < refs(u64::MAX));
+        assert_ne!(body(7), refs(7));
+        assert_eq!(body(7)[0], BODY);
     }
 
     #[test]

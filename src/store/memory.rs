@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, InOrder, MessageId,
-    Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
+    devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
+    Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -89,8 +89,21 @@ impl State {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
+    async fn connect(
+        &self,
+        device: &DeviceKey,
+        rooms: &[String],
+        max_devices: Option<u64>,
+    ) -> Result<Connected, StoreError> {
         let mut state = self.lock();
+        let mut forgotten = Vec::new();
+        if let Some(max) = max_devices.filter(|_| !state.devices.contains_key(device)) {
+            let others = state.devices_of(&device.site, &device.user);
+            forgotten = devices_to_forget(others.iter().map(|dev| (dev, &state.devices[dev])), max)?;
+            for dev in &forgotten {
+                state.forget(dev);
+            }
+        }
         state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
         let watermark = state.next_id;
         let dev = state.devices.entry(device.clone()).or_default();
@@ -98,7 +111,7 @@ impl Store for MemoryStore {
         let resync = dev.owes_resync();
         (dev.overflowed, dev.resync_at) = (false, None);
         let pending = state.pending(device);
-        Ok(Connected { pending, resync, watermark })
+        Ok(Connected { pending, resync, watermark, forgotten })
     }
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
@@ -197,7 +210,8 @@ impl Store for MemoryStore {
                 }
                 Ack::Live { device, id, checked: Some(event) } => {
                     let queue = state.queues.get(&device).into_iter().flat_map(|q| q.values());
-                    match in_order(queue.map(|q| (q.id, &*q.entry)), id, &event) {
+                    let same_event = queue.filter(|q| entry_event(&q.entry).as_deref() == Some(&*event));
+                    match in_order(same_event.map(|q| q.id), id) {
                         InOrder::NotQueued => {}
                         InOrder::Oldest => {
                             state.remove(&device, [id]);

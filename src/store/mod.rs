@@ -213,6 +213,9 @@ pub struct Connected {
     /// queued before the connect has an id below it (and is in `pending` if still queued),
     /// every later one an id at or above it. Owed resyncs are numbered the same way.
     pub watermark: MessageId,
+    /// Disconnected devices of the same user room forgotten, with their queues, to make room for
+    /// this one under the cap on devices per user (oldest disconnect first).
+    pub forgotten: Vec<DeviceKey>,
 }
 
 /// One acknowledgement from a client, recorded in the order the clients sent them.
@@ -265,6 +268,13 @@ pub enum StoreError {
         /// The key, printed escaped.
         key: String,
     },
+    /// A new device would pass the cap on devices per user room, and every device of the room
+    /// is connected, so none could be forgotten to make room.
+    #[error("user room has {max} devices, all connected (server.max_devices_per_user)")]
+    TooManyDevices {
+        /// The cap.
+        max: u64,
+    },
     /// A name is longer than the store can encode.
     #[error("{what} is longer than {max} bytes")]
     TooLong {
@@ -300,8 +310,16 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Registers `device` as connected under its user room, replaces the user's room list with
     /// `rooms`, and returns the device's queue with the split between it and live delivery.
-    /// Takes (clears) an owed `_resync`.
-    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError>;
+    /// Takes (clears) an owed `_resync`. With `max_devices`, a device new to its user room that
+    /// would pass the cap makes room by forgetting the room's devices that disconnected first
+    /// (see [`devices_to_forget`]); if they are all connected it is refused
+    /// (`StoreError::TooManyDevices`) and nothing changes.
+    async fn connect(
+        &self,
+        device: &DeviceKey,
+        rooms: &[String],
+        max_devices: Option<u64>,
+    ) -> Result<Connected, StoreError>;
 
     /// Marks `device` as disconnected since `now`. Unknown devices are ignored.
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError>;
@@ -369,6 +387,29 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// The rule of the cap on devices per user room, for every backend: which of the room's
+/// `devices` to forget so that one more fits under `max`, disconnected longest first (by key
+/// among equals). `Err` when too few are disconnected.
+pub(crate) fn devices_to_forget<'a>(
+    devices: impl IntoIterator<Item = (&'a DeviceKey, &'a DeviceState)>,
+    max: u64,
+) -> Result<Vec<DeviceKey>, StoreError> {
+    let mut count = 0u64;
+    let mut disconnected = Vec::new();
+    for (dev, state) in devices {
+        count += 1;
+        if !state.connected {
+            disconnected.push((state.disconnected_at, dev));
+        }
+    }
+    let excess = (count + 1).saturating_sub(max.max(1)) as usize;
+    if excess > disconnected.len() {
+        return Err(StoreError::TooManyDevices { max });
+    }
+    disconnected.sort();
+    Ok(disconnected.into_iter().take(excess).map(|(_, dev)| dev.clone()).collect())
+}
+
 /// The event name of a queued `[event, ...args]` entry.
 pub(crate) fn entry_event(entry: &str) -> Option<String> {
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(entry).ok()?;
@@ -387,24 +428,22 @@ pub(crate) enum InOrder {
     Late(Vec<MessageId>),
 }
 
-/// Applies the rule to a queue given oldest first as `(id, entry)`.
-pub(crate) fn in_order<'a>(
-    queue: impl IntoIterator<Item = (MessageId, &'a str)>,
-    id: MessageId,
-    event: &str,
-) -> InOrder {
-    let mut same_event = Vec::new();
-    let mut queued = false;
-    for (queued_id, entry) in queue {
-        queued |= queued_id == id;
-        if entry_event(entry).as_deref() == Some(event) {
-            same_event.push(queued_id);
+/// Applies the rule to the ids of the queued messages of the acked message's event, oldest
+/// first. The oldest is settled by the first id, so a backend that keeps those ids at hand (the
+/// sled store indexes them) checks an ack in order without reading the queue.
+pub(crate) fn in_order(same_event: impl IntoIterator<Item = MessageId>, id: MessageId) -> InOrder {
+    let mut same_event = same_event.into_iter();
+    match same_event.next() {
+        Some(oldest) if oldest == id => InOrder::Oldest,
+        Some(oldest) => {
+            let ids: Vec<MessageId> = std::iter::once(oldest).chain(same_event).collect();
+            if ids.contains(&id) {
+                InOrder::Late(ids)
+            } else {
+                InOrder::NotQueued
+            }
         }
-    }
-    match same_event.first() {
-        _ if !queued => InOrder::NotQueued,
-        Some(oldest) if *oldest == id => InOrder::Oldest,
-        _ => InOrder::Late(same_event),
+        None => InOrder::NotQueued,
     }
 }
 

@@ -23,12 +23,13 @@ use super::keys;
 use super::round::{Changes, Pending, Scan, View};
 use super::wal::{is_sync_failure, Wal};
 use super::{
-    in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry, Idempotency, InOrder, MessageId,
-    Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
+    devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
+    Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
 };
 
-/// The layout version this build reads and writes.
-const SCHEMA_VERSION: u32 = 1;
+/// The layout version this build reads and writes. Version 1 (a copy of a message in every
+/// queue entry) is upgraded at open.
+const SCHEMA_VERSION: u32 = 2;
 /// Most jobs one writer round takes before it flushes.
 const MAX_ROUND: usize = 4096;
 /// Jobs that may wait for the writer before senders wait too.
@@ -43,6 +44,9 @@ const CHECKPOINT_STEP: usize = 256;
 const MAX_CACHED_USERS: usize = 100_000;
 /// Most shared-room members the writer keeps in memory, over all rooms; past it, it starts over.
 const MAX_CACHED_MEMBERS: usize = 1_000_000;
+/// Most queued message ids the writer keeps indexed by event, over all queues; past it, it
+/// starts over.
+const MAX_INDEXED_EVENTS: usize = 1_000_000;
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -143,6 +147,12 @@ struct Writer {
     /// scanned for every message (sled's iterator costs more per item than the rest of a
     /// delivery's storage). Any change of one of its keys drops the room's entry (in `apply`).
     members: Members,
+    /// Each queue's message ids by event, for the order check of `resync` acks (see [`Events`]).
+    events: Events,
+    /// Messages kept once for several devices (`keys::body`) whose queue entries the current job
+    /// removed, with how many: [`Writer::settle`] counts them off their references before the
+    /// job's changes are applied.
+    released: BTreeMap<MessageId, u64>,
     wal: Wal,
     /// When the last checkpoint began.
     checkpointed: std::time::Instant,
@@ -324,18 +334,17 @@ impl SledStore {
         remove_unfinished_snapshots(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
-        match meta.get("schema").map_err(io)? {
+        let schema = match meta.get("schema").map_err(io)? {
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
                 db.flush().map_err(io)?;
+                SCHEMA_VERSION
             }
-            Some(v) => {
-                let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0);
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
-                }
-            }
-        }
+            Some(v) => match v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0) {
+                found @ (1 | SCHEMA_VERSION) => found,
+                found => return Err(StoreError::Schema { found, expected: SCHEMA_VERSION }),
+            },
+        };
         let tree = db.open_tree("state").map_err(io)?;
         let (wal, replay) = Wal::open(dir)
             .map_err(|e| StoreError::Io(format!("cannot open the write-ahead log in {}: {e}", dir.display())))?;
@@ -358,6 +367,8 @@ impl SledStore {
             counts: HashMap::new(),
             devices: HashMap::new(),
             members: Members::default(),
+            events: Events::default(),
+            released: BTreeMap::new(),
             db,
             tree,
             pending: Pending::default(),
@@ -374,6 +385,13 @@ impl SledStore {
         if replayed > 0 {
             writer.checkpoint().map_err(StoreError::Io)?;
             tracing::info!(batches = replayed, "changes replayed from the write-ahead log");
+        }
+        if schema == 1 {
+            let upgraded = upgrade_from_v1(&writer.tree)?;
+            writer.make_sled_durable().map_err(StoreError::Io)?;
+            meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
+            writer.make_sled_durable().map_err(StoreError::Io)?;
+            tracing::info!(queue_entries = upgraded, "data dir upgraded from schema 1");
         }
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let (stopping, stopped) = tokio::sync::watch::channel(());
@@ -432,6 +450,7 @@ impl SledStore {
             if result.is_err() {
                 w.forget_caches(); // the job may have counted changes it never applied
             }
+            debug_assert!(w.released.is_empty(), "a job removed queue entries it never settled");
             Box::new(move |flushed: Result<(), RoundError>| {
                 let _ = tx.send(flushed.map_err(StoreError::from).and(result));
             })
@@ -685,6 +704,8 @@ impl Writer {
         self.counts.clear();
         self.devices.clear();
         self.members.clear();
+        self.events.clear();
+        self.released.clear();
     }
 
     /// The users of a shared room, by its `room_members` prefix.
@@ -734,8 +755,10 @@ impl Writer {
         }
         let mut counts = Counts::default();
         for item in self.scan(prefix) {
+            let (k, v) = item?;
             counts.len += 1;
-            counts.bytes += keys::queued_entry_len(&item?.1);
+            counts.bytes +=
+                keys::split_queued_value(&v).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?.size;
         }
         self.counts.insert(prefix.to_vec(), counts);
         Ok(counts)
@@ -770,15 +793,76 @@ impl Writer {
         Ok(())
     }
 
-    /// Adds to `batch` the removal of a device and its queue.
+    /// Adds to `batch` the removal of a device and its queue (settle it before applying).
     fn forget_device(&mut self, dev: &DeviceKey, batch: &mut Changes) -> Result<(), StoreError> {
         batch.remove(keys::device(dev)?);
         let prefix = keys::queue(dev)?;
-        for item in self.scan(&prefix) {
-            batch.remove(item?.0);
+        let entries: Vec<_> = self.scan(&prefix).collect::<Result<_, _>>()?;
+        for (key, value) in entries {
+            self.drop_entry(&prefix, key.to_vec(), &value, batch)?;
         }
         self.counts.remove(&prefix);
+        self.events.forget(&prefix);
         Ok(())
+    }
+
+    /// Adds to `batch` the removal of one queue entry (its key and value as stored) and releases
+    /// its message if it is kept once for several devices; returns the entry's size. The job
+    /// must [`settle`](Writer::settle) the batch before applying it.
+    fn drop_entry(
+        &mut self,
+        prefix: &[u8],
+        key: Vec<u8>,
+        value: &[u8],
+        batch: &mut Changes,
+    ) -> Result<u64, StoreError> {
+        let (Some(id), Some(entry)) = (keys::queued_id(&key), keys::split_queued_value(value)) else {
+            return Err(StoreError::Corrupt { key: keys::show(&key) });
+        };
+        if entry.inline.is_none() {
+            *self.released.entry(id).or_default() += 1;
+        }
+        self.events.remove(prefix, entry.event, id);
+        batch.remove(key);
+        Ok(entry.size)
+    }
+
+    /// Adds to `batch` what the queue entries removed by the job do to the messages they
+    /// referred to: each message's count of references goes down, and the last reference takes
+    /// the message with it. A count that is missing (never, unless the data dir was damaged)
+    /// leaves the message in place: kept too long rather than lost.
+    fn settle(&mut self, batch: &mut Changes) -> Result<(), StoreError> {
+        for (id, released) in std::mem::take(&mut self.released) {
+            let key = keys::refs(id);
+            let Some(value) = self.get(&key)? else { continue };
+            let refs: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::Corrupt { key: keys::show(&key) })?;
+            match u64::from_be_bytes(refs).saturating_sub(released) {
+                0 => {
+                    batch.remove(key);
+                    batch.remove(keys::body(id));
+                }
+                left => batch.insert(key, left.to_be_bytes()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The queued message ids of one event in the queue under `prefix`, oldest first: indexed
+    /// from the queue the first time, then kept as entries come and go.
+    fn event_ids(&mut self, prefix: &[u8], event: &str) -> Result<&BTreeSet<MessageId>, StoreError> {
+        static NONE: BTreeSet<MessageId> = BTreeSet::new();
+        if !self.events.queues.contains_key(prefix) {
+            let mut index = HashMap::<Box<str>, BTreeSet<MessageId>>::new();
+            for item in self.scan(prefix) {
+                let (k, v) = item?;
+                let (Some(id), Some(entry)) = (keys::queued_id(&k), keys::split_queued_value(&v)) else {
+                    return Err(StoreError::Corrupt { key: keys::show(&k) });
+                };
+                index.entry(entry.event.into()).or_default().insert(id);
+            }
+            self.events.keep(prefix, index);
+        }
+        Ok(self.events.queues.get(prefix).and_then(|queue| queue.get(event)).unwrap_or(&NONE))
     }
 
     /// Adds to `batch` the removal of a user's room list and index entries.
@@ -797,16 +881,18 @@ impl Writer {
         let mut counts = self.counts(&prefix)?;
         let mut batch = Changes::default();
         let mut removed = 0;
-        for id in ids {
-            let key = keys::queued(&prefix, *id);
+        // Each id once: the batch is not applied yet, so a repeated id would be released twice.
+        for id in ids.iter().copied().collect::<BTreeSet<_>>() {
+            let key = keys::queued(&prefix, id);
             if let Some(value) = self.get(&key)? {
-                batch.remove(key);
+                let size = self.drop_entry(&prefix, key, &value, &mut batch)?;
                 counts.len = counts.len.saturating_sub(1);
-                counts.bytes = counts.bytes.saturating_sub(keys::queued_entry_len(&value));
+                counts.bytes = counts.bytes.saturating_sub(size);
                 removed += 1;
             }
         }
         self.set_counts(&prefix, counts);
+        self.settle(&mut batch)?;
         self.apply(batch);
         Ok(removed)
     }
@@ -858,6 +944,71 @@ impl Members {
 
     fn clear(&mut self) {
         *self = Self::with_limit(self.limit);
+    }
+}
+
+/// The writer's index of queued message ids by event (`Writer::event_ids`): with it, checking
+/// that a `resync` ack is the oldest of its event costs a lookup instead of a read of the
+/// device's queue (which made draining a queue that way quadratic). Bounded by the ids it holds.
+struct Events {
+    queues: HashMap<Vec<u8>, HashMap<Box<str>, BTreeSet<MessageId>>>,
+    /// Ids over all queues kept.
+    total: usize,
+    limit: usize,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self { queues: HashMap::new(), total: 0, limit: MAX_INDEXED_EVENTS }
+    }
+}
+
+impl Events {
+    /// Keeps the index of one queue, starting over first if it would pass the bound (the queue
+    /// at hand is kept whatever its size: its queue caps bound it).
+    fn keep(&mut self, prefix: &[u8], index: HashMap<Box<str>, BTreeSet<MessageId>>) {
+        self.forget(prefix);
+        let ids: usize = index.values().map(BTreeSet::len).sum();
+        if self.total + ids > self.limit {
+            self.clear();
+        }
+        self.total += ids;
+        self.queues.insert(prefix.to_vec(), index);
+    }
+
+    /// A new entry of an indexed queue.
+    fn add(&mut self, prefix: &[u8], event: &str, id: MessageId) {
+        if let Some(queue) = self.queues.get_mut(prefix) {
+            if queue.entry(event.into()).or_default().insert(id) {
+                self.total += 1;
+            }
+            if self.total > self.limit {
+                self.clear();
+            }
+        }
+    }
+
+    /// An entry gone from an indexed queue.
+    fn remove(&mut self, prefix: &[u8], event: &str, id: MessageId) {
+        let Some(queue) = self.queues.get_mut(prefix) else { return };
+        let Some(ids) = queue.get_mut(event) else { return };
+        if ids.remove(&id) {
+            self.total -= 1;
+        }
+        if ids.is_empty() {
+            queue.remove(event);
+        }
+    }
+
+    fn forget(&mut self, prefix: &[u8]) {
+        if let Some(queue) = self.queues.remove(prefix) {
+            self.total -= queue.values().map(BTreeSet::len).sum::<usize>();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.queues.clear();
+        self.total = 0;
     }
 }
 
@@ -927,24 +1078,70 @@ fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreErr
     view.scan(&prefix)
         .map(|item| {
             let (k, v) = item?;
-            let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
-            let id = keys::queued_id(&k).ok_or_else(corrupt)?;
-            let (queued_at, entry) = keys::split_queued_value(&v).ok_or_else(corrupt)?;
-            Ok(Queued { id, queued_at, entry: Arc::from(entry) })
+            let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
+            let id = keys::queued_id(&k).ok_or_else(|| corrupt(&k))?;
+            let queued = keys::split_queued_value(&v).ok_or_else(|| corrupt(&k))?;
+            let entry = match queued.inline {
+                Some(entry) => Arc::from(entry),
+                None => {
+                    let key = keys::body(id);
+                    let body = view.get(&key)?.ok_or_else(|| corrupt(&key))?;
+                    Arc::from(std::str::from_utf8(&body).map_err(|_| corrupt(&key))?)
+                }
+            };
+            Ok(Queued { id, queued_at: queued.at, entry })
         })
         .collect()
 }
 
+/// Rewrites the queue entries of a schema 1 data dir in today's layout, each keeping its message
+/// (schema 1 kept a copy in every entry). Runs again after a crash part way: entries already
+/// rewritten are told apart and left. Returns how many it rewrote.
+fn upgrade_from_v1(tree: &Tree) -> Result<u64, StoreError> {
+    let mut upgraded = 0;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    for item in tree.scan_prefix([keys::QUEUE]) {
+        let (k, v) = item.map_err(io)?;
+        let Some((at, entry)) = keys::split_v1_queued_value(&v) else { continue };
+        let event = entry_event(entry).unwrap_or_default();
+        batch.insert(k, keys::queued_value(at, entry.len(), &event, Some(entry)));
+        (upgraded, in_batch) = (upgraded + 1, in_batch + 1);
+        if in_batch == 10_000 {
+            tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
+            in_batch = 0;
+        }
+    }
+    tree.apply_batch(batch).map_err(io)?;
+    Ok(upgraded)
+}
+
 #[async_trait]
 impl Store for SledStore {
-    async fn connect(&self, device: &DeviceKey, rooms: &[String]) -> Result<Connected, StoreError> {
+    async fn connect(
+        &self,
+        device: &DeviceKey,
+        rooms: &[String],
+        max_devices: Option<u64>,
+    ) -> Result<Connected, StoreError> {
         let (device, rooms) = (device.clone(), rooms.to_vec());
         self.job(Durability::Synced, move |w| {
             w.space.check()?;
             let ukey = keys::user(&device.site, &device.user)?;
             let dkey = keys::device(&device)?;
             let old_rooms = read_rooms(w, &ukey)?;
-            let mut state = read_device(w, &dkey)?.unwrap_or_default();
+            let known = read_device(w, &dkey)?;
+            let mut batch = Changes::default();
+            let mut forgotten = Vec::new();
+            if let Some(max) = max_devices.filter(|_| known.is_none()) {
+                let others = w.user_devices(&device.site, &device.user)?;
+                forgotten = devices_to_forget(others.iter().map(|d| (&d.dev, &d.state)), max)?;
+                for dev in &forgotten {
+                    w.forget_device(dev, &mut batch)?;
+                }
+                w.settle(&mut batch)?;
+            }
+            let mut state = known.unwrap_or_default();
             let resync = state.owes_resync();
             (state.overflowed, state.resync_at) = (false, None);
             state.connected = true;
@@ -954,7 +1151,6 @@ impl Store for SledStore {
                 list.iter().map(|room| keys::room(&device.site, room, &device.user)).collect()
             };
             let (old_keys, new_keys) = (room_keys(&old_rooms)?, room_keys(&rooms)?);
-            let mut batch = Changes::default();
             for gone in old_keys.difference(&new_keys) {
                 batch.remove(gone.clone());
             }
@@ -964,7 +1160,7 @@ impl Store for SledStore {
             batch.insert(ukey, serde_json::to_vec(&rooms).expect("strings serialize"));
             batch.insert(dkey, encode(&state));
             w.apply(batch);
-            Ok(Connected { pending: read_queue(w, &device)?, resync, watermark: w.ids.next })
+            Ok(Connected { pending: read_queue(w, &device)?, resync, watermark: w.ids.next, forgotten })
         })
         .await
     }
@@ -1039,46 +1235,69 @@ impl Store for SledStore {
             }
             let id = w.new_id();
             let mut out = Enqueued { id, ..Enqueued::default() };
+            // The devices first: the message is kept once for all of them, or in the queue entry
+            // of the only one.
+            let mut live = Vec::new();
             for user in &users {
-                let (mut live, mut gone) = (0, 0);
-                for device in w.user_devices(&site, user)?.iter() {
+                let devices = w.user_devices(&site, user)?;
+                let (mut kept, mut gone) = (0, 0);
+                for (i, device) in devices.iter().enumerate() {
                     if expiry.is_expired(&device.state) {
                         w.forget_device(&device.dev, &mut batch)?;
                         out.expired.push(device.dev.clone());
                         gone += 1;
-                        continue;
+                    } else {
+                        live.push((devices.clone(), i));
+                        kept += 1;
                     }
-                    live += 1;
-                    let prefix = &device.queue;
-                    batch.insert_new(keys::queued(prefix, id), keys::queued_value(expiry.now, &entry));
-                    let mut counts = w.counts(prefix)?;
-                    counts.len += 1;
-                    counts.bytes += entry.len() as u64;
-                    let mut dropped = 0;
-                    if counts.len > limits.max_len || counts.bytes > limits.max_bytes {
-                        for old in w.scan(prefix) {
-                            if counts.len <= 1 || (counts.len <= limits.max_len && counts.bytes <= limits.max_bytes) {
-                                break;
-                            }
-                            let (old_key, old_value) = old?;
-                            batch.remove(old_key);
-                            counts.len = counts.len.saturating_sub(1);
-                            counts.bytes = counts.bytes.saturating_sub(keys::queued_entry_len(&old_value));
-                            dropped += 1;
-                        }
-                    }
-                    w.set_counts(prefix, counts);
-                    if dropped > 0 {
-                        let state = DeviceState { overflowed: true, ..device.state.clone() };
-                        batch.insert(&device.key, encode(&state));
-                        out.overflowed.push((device.dev.clone(), dropped));
-                    }
-                    out.devices.push(device.dev.clone());
                 }
-                if live == 0 && gone > 0 {
+                if kept == 0 && gone > 0 {
                     w.forget_user(&site, user, &mut batch)?;
                 }
             }
+            let event = entry_event(&entry).unwrap_or_default();
+            let inline = (live.len() == 1).then_some(&*entry);
+            if live.len() > 1 {
+                batch.insert_new(keys::body(id), entry.as_bytes());
+                batch.insert_new(keys::refs(id), (live.len() as u64).to_be_bytes());
+            }
+            let value = keys::queued_value(expiry.now, entry.len(), &event, inline);
+            for (devices, i) in &live {
+                let device = &devices[*i];
+                let prefix = &device.queue;
+                batch.insert_new(keys::queued(prefix, id), &value);
+                w.events.add(prefix, &event, id);
+                let mut counts = w.counts(prefix)?;
+                counts.len += 1;
+                counts.bytes += entry.len() as u64;
+                // The oldest go while the queue is over a cap (never the new message itself).
+                let mut oldest = Vec::new();
+                if counts.len > limits.max_len || counts.bytes > limits.max_bytes {
+                    for old in w.scan(prefix) {
+                        if counts.len <= 1 || (counts.len <= limits.max_len && counts.bytes <= limits.max_bytes) {
+                            break;
+                        }
+                        let (old_key, old_value) = old?;
+                        let size = keys::split_queued_value(&old_value)
+                            .ok_or_else(|| StoreError::Corrupt { key: keys::show(&old_key) })?
+                            .size;
+                        counts.len = counts.len.saturating_sub(1);
+                        counts.bytes = counts.bytes.saturating_sub(size);
+                        oldest.push((old_key, old_value));
+                    }
+                }
+                w.set_counts(prefix, counts);
+                for (old_key, old_value) in &oldest {
+                    w.drop_entry(prefix, old_key.to_vec(), old_value, &mut batch)?;
+                }
+                if !oldest.is_empty() {
+                    let state = DeviceState { overflowed: true, ..device.state.clone() };
+                    batch.insert(&device.key, encode(&state));
+                    out.overflowed.push((device.dev.clone(), oldest.len() as u64));
+                }
+                out.devices.push(device.dev.clone());
+            }
+            w.settle(&mut batch)?;
             w.apply(batch);
             Ok(out)
         })
@@ -1100,8 +1319,8 @@ impl Store for SledStore {
                     Ack::Batch { device, ids } => drop(w.remove_entries(&device, &ids)?),
                     Ack::Live { device, id, checked: None } => drop(w.remove_entries(&device, &[id])?),
                     Ack::Live { device, id, checked: Some(event) } => {
-                        let queue = read_queue(w, &device)?;
-                        match in_order(queue.iter().map(|q| (q.id, &*q.entry)), id, &event) {
+                        let prefix = keys::queue(&device)?;
+                        match in_order(w.event_ids(&prefix, &event)?.iter().copied(), id) {
                             InOrder::NotQueued => {}
                             InOrder::Oldest => drop(w.remove_entries(&device, &[id])?),
                             InOrder::Late(ids) => {
@@ -1146,6 +1365,7 @@ impl Store for SledStore {
             for dev in &expired {
                 let mut batch = Changes::default();
                 w.forget_device(dev, &mut batch)?;
+                w.settle(&mut batch)?;
                 w.apply(batch);
                 if w.scan(&keys::devices_of(&dev.site, &dev.user)?).next().is_none() {
                     let mut batch = Changes::default();
@@ -1204,9 +1424,9 @@ impl Store for SledStore {
                 let oldest = match w.scan(&keys::queue(&dev)?).next() {
                     Some(item) => {
                         let (qk, qv) = item?;
-                        let (at, _) = keys::split_queued_value(&qv)
+                        let queued = keys::split_queued_value(&qv)
                             .ok_or_else(|| StoreError::Corrupt { key: keys::show(&qk) })?;
-                        Some(at)
+                        Some(queued.at)
                     }
                     None => None,
                 };
@@ -1220,7 +1440,13 @@ impl Store for SledStore {
     async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
         let device = device.clone();
         self.job(Durability::Synced, move |w| {
-            let ids: Vec<MessageId> = read_queue(w, &device)?.iter().map(|q| q.id).collect();
+            let ids = w
+                .scan(&keys::queue(&device)?)
+                .map(|item| {
+                    let (k, _) = item?;
+                    keys::queued_id(&k).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             w.remove_entries(&device, &ids)
         })
         .await
@@ -1240,8 +1466,196 @@ impl Store for SledStore {
 }
 
 #[cfg(test)]
+impl SledStore {
+    /// Checks what the store keeps against itself: each message kept once is referred to by
+    /// exactly as many queue entries as its count says, and the writer's counts and event index
+    /// match the queues. `Err` names the first mismatch.
+    async fn audit(&self) -> Result<(), String> {
+        self.job(Durability::Written, |w| Ok(w.audit())).await.map_err(|e| e.to_string())?
+    }
+}
+
+#[cfg(test)]
+impl Writer {
+    fn audit(&mut self) -> Result<(), String> {
+        let all = |w: &Writer, kind: u8| -> Result<Vec<(sled::IVec, sled::IVec)>, String> {
+            w.scan(&[kind]).collect::<Result<_, _>>().map_err(|e| e.to_string())
+        };
+        let mut referred = BTreeMap::<MessageId, u64>::new();
+        let mut queues = BTreeMap::<Vec<u8>, (Counts, HashMap<Box<str>, BTreeSet<MessageId>>)>::new();
+        for (k, v) in all(self, keys::QUEUE)? {
+            let (id, queued) = keys::queued_id(&k).zip(keys::split_queued_value(&v)).ok_or("a bad queue entry")?;
+            if queued.inline.is_none() {
+                *referred.entry(id).or_default() += 1;
+            }
+            let (counts, events) = queues.entry(k[..k.len() - 8].to_vec()).or_default();
+            (counts.len, counts.bytes) = (counts.len + 1, counts.bytes + queued.size);
+            events.entry(queued.event.into()).or_default().insert(id);
+        }
+        let counted: BTreeMap<MessageId, u64> = all(self, keys::REFS)?
+            .iter()
+            .map(|(k, v)| (keys::queued_id(k).unwrap(), u64::from_be_bytes(v.as_ref().try_into().unwrap())))
+            .collect();
+        if counted != referred {
+            return Err(format!("references counted {counted:?}, queue entries refer {referred:?}"));
+        }
+        let bodies: Vec<MessageId> = all(self, keys::BODY)?.iter().map(|(k, _)| keys::queued_id(k).unwrap()).collect();
+        if bodies != counted.keys().copied().collect::<Vec<_>>() {
+            return Err(format!("messages kept {bodies:?}, counted {counted:?}"));
+        }
+        for (prefix, counts) in &self.counts {
+            let truth = queues.get(prefix).map(|(c, _)| *c).unwrap_or_default();
+            if (counts.len, counts.bytes) != (truth.len, truth.bytes) {
+                return Err(format!("counts of {} are off", keys::show(prefix)));
+            }
+        }
+        for (prefix, events) in &self.events.queues {
+            if Some(events) != queues.get(prefix).map(|(_, e)| e).or(Some(&HashMap::new())) {
+                return Err(format!("the event index of {} is off", keys::show(prefix)));
+            }
+        }
+        let indexed: usize = self.events.queues.values().flat_map(|e| e.values()).map(BTreeSet::len).sum();
+        if indexed != self.events.total {
+            return Err(format!("the event index counts {} ids, holds {indexed}", self.events.total));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// A data dir as schema 1 left it (a copy of the message in every queue entry), some of its
+    /// entries already rewritten as if an upgrade had crashed part way: it opens with the same
+    /// queues, counts and order checks, and is schema 2 from then on.
+    #[tokio::test]
+    async fn a_schema_1_data_dir_is_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (DeviceKey::new("site", "user_1", "a"), DeviceKey::new("site", "user_2", "b"));
+        let v1 = |at: Millis, entry: &str| [&at.to_be_bytes()[..], entry.as_bytes()].concat();
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("meta").unwrap().insert("schema", &1u32.to_be_bytes()).unwrap();
+            let tree = db.open_tree("state").unwrap();
+            for (dev, user) in [(&a, "user_1"), (&b, "user_2")] {
+                tree.insert(keys::device(dev).unwrap(), encode(&DeviceState::default())).unwrap();
+                tree.insert(keys::user("site", user).unwrap(), br#"["staff"]"#.to_vec()).unwrap();
+            }
+            let (qa, qb) = (keys::queue(&a).unwrap(), keys::queue(&b).unwrap());
+            tree.insert(keys::queued(&qa, 7), v1(70, r#"["e",1]"#)).unwrap();
+            tree.insert(keys::queued(&qa, 8), v1(80, r#"["e",2]"#)).unwrap();
+            tree.insert(keys::queued(&qb, 7), keys::queued_value(70, 7, "e", Some(r#"["e",1]"#))).unwrap();
+            tree.insert(keys::IDS_RESERVED, &9u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = loop {
+            match SledStore::open(dir.path(), 1 << 20, 0) {
+                // sled's lock outlives its handle a moment (see `sled_refuses_a_data_dir_of_another_schema`).
+                Err(StoreError::Io(e)) if e.contains("could not acquire lock") => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => break other.unwrap(),
+            }
+        };
+        let pending = store.pending(&a).await.unwrap();
+        let got: Vec<_> = pending.iter().map(|q| (q.id, q.queued_at, &*q.entry)).collect();
+        assert_eq!(got, [(7, 70, r#"["e",1]"#), (8, 80, r#"["e",2]"#)]);
+        assert_eq!(store.pending(&b).await.unwrap().len(), 1);
+        let state = store.device(&a).await.unwrap().unwrap();
+        assert_eq!((state.queue_len, state.queue_bytes), (2, 14));
+        let late = vec![Ack::Live { device: a.clone(), id: 8, checked: Some("e".into()) }];
+        assert_eq!(store.acks(late).await.unwrap().len(), 1, "the event of an upgraded entry is known");
+        store.audit().await.unwrap();
+        store.close().await;
+        let db = loop {
+            match ::sled::open(dir.path()) {
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => break other.unwrap(),
+            }
+        };
+        let schema = db.open_tree("meta").unwrap().get("schema").unwrap().unwrap();
+        assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    }
+
+    /// A deterministic stream of pseudo-random numbers (a test needs no better).
+    struct Dice(u64);
+
+    impl Dice {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// Sends to random audiences, acks (in order, out of order, as batches), overflows, expiry,
+    /// operators clearing queues and crashes, with a checkpoint after every round in one run and
+    /// none in the other: after each step every message kept once has exactly the references
+    /// its count says, and a crash image recovers the same.
+    #[tokio::test]
+    async fn messages_kept_once_are_counted_through_every_change_and_crash() {
+        for (seed, every) in [(1, Duration::ZERO), (2, Duration::MAX), (3, Duration::from_millis(5))] {
+            let mut dice = Dice(seed);
+            let mut dir = tempfile::tempdir().unwrap();
+            let devs: Vec<DeviceKey> =
+                (0..8).map(|i| DeviceKey::new("site", &format!("user_{}", i % 4), &format!("d{i}"))).collect();
+            for generation in 0..3 {
+                let store = SledStore::open_with(dir.path(), 1 << 20, 0, every).unwrap();
+                store.audit().await.unwrap_or_else(|e| panic!("seed {seed}, after recovery {generation}: {e}"));
+                for step in 0..150 {
+                    let now = generation * 10_000 + step * 10;
+                    let d = &devs[dice.below(8) as usize];
+                    match dice.below(10) {
+                        0..=3 => {
+                            let users: Vec<String> =
+                                (0..4).filter(|_| dice.below(2) == 0).map(|u| format!("user_{u}")).collect();
+                            let limits = QueueLimits { max_len: 1 + dice.below(6), max_bytes: 1_000 };
+                            let text = format!(r#"["e{}",{step}]"#, dice.below(2));
+                            let expiry = Expiry { now, ttl_ms: 400 };
+                            store.enqueue("site", users, text.into(), expiry, limits, None).await.unwrap();
+                        }
+                        4 => drop(store.connect(d, &[d.user.to_string()], None).await.unwrap()),
+                        5 => store.disconnect(d, now).await.unwrap(),
+                        6 | 7 => {
+                            let queue = store.pending(d).await.unwrap();
+                            if let Some(q) = queue.get(dice.below(queue.len() as u64 + 1) as usize) {
+                                let event = entry_event(&q.entry).map(Arc::from);
+                                store
+                                    .acks(vec![Ack::Live { device: d.clone(), id: q.id, checked: event }])
+                                    .await
+                                    .unwrap();
+                            }
+                        }
+                        8 => {
+                            let ids: Vec<MessageId> = store
+                                .pending(d)
+                                .await
+                                .unwrap()
+                                .iter()
+                                .map(|q| q.id)
+                                .filter(|_| dice.below(2) == 0)
+                                .collect();
+                            store.acks(vec![Ack::Batch { device: d.clone(), ids }]).await.unwrap();
+                        }
+                        _ if dice.below(3) == 0 => drop(store.clear_queue(d).await.unwrap()),
+                        _ => drop(store.sweep(Expiry { now, ttl_ms: 400 }).await.unwrap()),
+                    }
+                    store
+                        .audit()
+                        .await
+                        .unwrap_or_else(|e| panic!("seed {seed}, generation {generation}, step {step}: {e}"));
+                }
+                store.flush().await.unwrap();
+                let image = crate::store::tests::crash_image(dir.path());
+                drop(store);
+                dir = image;
+            }
+        }
+    }
 
     #[test]
     fn kept_room_members_stay_within_their_bound() {

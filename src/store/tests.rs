@@ -52,8 +52,8 @@ async fn users_never_connected_get_nothing_stored(store: impl Store) {
 }
 
 async fn queues_keep_send_order_across_events_and_devices(store: impl Store) {
-    store.connect(&dev("user_1", "a"), &rooms(&["user_1"])).await.unwrap();
-    store.connect(&dev("user_1", "b"), &rooms(&["user_1"])).await.unwrap();
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&dev("user_1", "b"), &rooms(&["user_1"]), None).await.unwrap();
     let first = send(&store, &["user_1"], r#"["x",1]"#, 0).await;
     let second = send(&store, &["user_1"], r#"["y",2]"#, 0).await;
     send(&store, &["user_1"], r#"["x",3]"#, 0).await;
@@ -68,7 +68,7 @@ async fn queues_keep_send_order_across_events_and_devices(store: impl Store) {
 
 async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let batch: Vec<_> =
         [send(&store, &["user_1"], "[\"e\",1]", 0).await.id, send(&store, &["user_1"], "[\"e\",2]", 0).await.id].into();
     // Arrives while the batch is in flight: the batch ack must not remove it.
@@ -83,7 +83,7 @@ async fn ack_removes_exactly_the_acked_messages(store: impl Store) {
 async fn live_acks_remove_one_message_from_each_device(store: impl Store) {
     let (a, b, c) = (dev("user_1", "a"), dev("user_2", "b"), dev("user_3", "c"));
     for d in [&a, &b, &c] {
-        store.connect(d, &rooms(&[&d.user])).await.unwrap();
+        store.connect(d, &rooms(&[&d.user]), None).await.unwrap();
     }
     let first = send(&store, &["user_1", "user_2", "user_3"], "[1]", 0).await.id;
     send(&store, &["user_1", "user_2", "user_3"], "[2]", 0).await;
@@ -98,7 +98,7 @@ async fn live_acks_remove_one_message_from_each_device(store: impl Store) {
 
 async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let a1 = send(&store, &["user_1"], r#"["a",1]"#, 0).await.id;
     let b1 = send(&store, &["user_1"], r#"["b",1]"#, 0).await.id;
     let a2 = send(&store, &["user_1"], r#"["a",2]"#, 0).await.id;
@@ -116,7 +116,7 @@ async fn checked_ack_resyncs_when_an_older_message_of_the_event_waits(store: imp
 /// Acks are judged in the order given: that is the order the client sent them.
 async fn acks_are_checked_in_the_order_given(store: impl Store) {
     let d = dev("user_1", "a");
-    let batch = store.connect(&d, &rooms(&["user_1"])).await.unwrap().watermark;
+    let batch = store.connect(&d, &rooms(&["user_1"]), None).await.unwrap().watermark;
     let queued: Vec<MessageId> = {
         let mut ids = Vec::new();
         for i in 0..4 {
@@ -154,13 +154,13 @@ async fn resync_after(store: &impl Store, d: &DeviceKey) -> MessageId {
 /// live path (`resync_sent`, only for the mark it delivered) or by the next connect.
 async fn an_owed_resync_is_kept_until_delivered(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let first = resync_after(&store, &d).await;
     assert_eq!(store.device(&d).await.unwrap().unwrap().resync_at, Some(first));
     // A connect after the ack takes the mark: its watermark is above the mark.
-    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let connected = store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     assert!(connected.resync && connected.watermark > first);
-    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync, "taken once");
+    assert!(!store.connect(&d, &rooms(&["user_1"]), None).await.unwrap().resync, "taken once");
     // Delivered live: cleared, but only by the mark it delivered.
     let second = resync_after(&store, &d).await;
     let third = resync_after(&store, &d).await;
@@ -169,7 +169,7 @@ async fn an_owed_resync_is_kept_until_delivered(store: impl Store) {
     assert_eq!(store.device(&d).await.unwrap().unwrap().resync_at, Some(third), "a later mark stays");
     store.resync_sent(&d, third).await.unwrap();
     assert!(!store.device(&d).await.unwrap().unwrap().owes_resync());
-    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync);
+    assert!(!store.connect(&d, &rooms(&["user_1"]), None).await.unwrap().resync);
     store.resync_sent(&dev("user_9", "x"), third).await.unwrap();
 }
 
@@ -177,24 +177,24 @@ async fn an_owed_resync_is_kept_until_delivered(store: impl Store) {
 /// queue), those sent after are at or above it.
 async fn a_connect_watermark_splits_messages_before_and_after(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let before = send(&store, &["user_1"], "[1]", 0).await.id;
-    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let connected = store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     assert!(before < connected.watermark);
     assert_eq!(connected.pending.iter().map(|q| q.id).collect::<Vec<_>>(), [before]);
     let after = send(&store, &["user_1"], "[2]", 0).await.id;
     assert!(after >= connected.watermark);
-    assert!(store.connect(&d, &rooms(&["user_1"])).await.unwrap().watermark > after);
+    assert!(store.connect(&d, &rooms(&["user_1"]), None).await.unwrap().watermark > after);
 }
 
 async fn devices_expire_from_their_latest_disconnect(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
-    store.connect(&a, &rooms(&["user_1", "staff"])).await.unwrap();
-    store.connect(&b, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1", "staff"]), None).await.unwrap();
+    store.connect(&b, &rooms(&["user_1", "staff"]), None).await.unwrap();
     store.disconnect(&a, 0).await.unwrap();
     store.disconnect(&b, 0).await.unwrap();
     // b reconnects and disconnects later: its clock restarts.
-    store.connect(&b, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_1", "staff"]), None).await.unwrap();
     store.disconnect(&b, HOUR).await.unwrap();
     let out = send(&store, &["user_1"], "[\"e\"]", HOUR + 1).await;
     assert_eq!(out.expired, vec![a.clone()]);
@@ -208,15 +208,15 @@ async fn devices_expire_from_their_latest_disconnect(store: impl Store) {
 /// devices of a user in memory must drop them whenever one changes.
 async fn each_message_sees_the_devices_as_they_are_now(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
     assert_eq!(send(&store, &["user_1"], "[1]", 0).await.devices, vec![a.clone()]);
-    store.connect(&b, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&b, &rooms(&["user_1"]), None).await.unwrap();
     assert_eq!(send(&store, &["user_1"], "[2]", 0).await.devices, vec![a.clone(), b.clone()]);
     store.disconnect(&a, 0).await.unwrap();
     let out = send(&store, &["user_1"], "[3]", HOUR + 1).await;
     assert_eq!((out.expired, out.devices), (vec![a.clone()], vec![b.clone()]));
     assert_eq!(send(&store, &["user_1"], "[4]", HOUR + 2).await.devices, vec![b.clone()]);
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
     assert_eq!(send(&store, &["user_1"], "[5]", HOUR + 3).await.devices, vec![a.clone(), b.clone()]);
     assert_eq!(entries(&store, &a).await, ["[5]"]);
     store.disconnect(&b, HOUR + 3).await.unwrap();
@@ -226,19 +226,19 @@ async fn each_message_sees_the_devices_as_they_are_now(store: impl Store) {
     let out = send(&store, &["user_1"], "[7]", 5 * HOUR).await;
     assert_eq!((out.expired, out.devices), (vec![a.clone()], vec![]));
     // A queue over its cap flags the device; the flag is what the next connect reads.
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
     let one = QueueLimits { max_len: 1, max_bytes: 1 << 20 };
     for text in ["[8]", "[9]"] {
         store.enqueue("site", users(&["user_1"]), entry(text), at(5 * HOUR), one, None).await.unwrap();
     }
     assert!(store.device(&a).await.unwrap().unwrap().overflowed);
-    assert!(store.connect(&a, &rooms(&["user_1"])).await.unwrap().resync);
+    assert!(store.connect(&a, &rooms(&["user_1"]), None).await.unwrap().resync);
 }
 
 async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_2", "b"));
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
-    store.connect(&b, &rooms(&["user_2"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&b, &rooms(&["user_2"]), None).await.unwrap();
     store.disconnect(&b, 0).await.unwrap();
     let forever = Expiry { now: 100 * HOUR, ttl_ms: 0 };
     let out = store
@@ -253,7 +253,7 @@ async fn connected_devices_never_expire_and_ttl_zero_keeps_all(store: impl Store
 
 async fn sweeping_the_last_device_forgets_the_user(store: impl Store) {
     let a = dev("user_1", "a");
-    store.connect(&a, &rooms(&["user_1", "Staff"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1", "Staff"]), None).await.unwrap();
     send(&store, &["user_1"], "[1]", 0).await;
     store.disconnect(&a, 0).await.unwrap();
     assert_eq!(store.sweep(at(HOUR)).await.unwrap(), Vec::<DeviceKey>::new());
@@ -265,14 +265,14 @@ async fn sweeping_the_last_device_forgets_the_user(store: impl Store) {
 }
 
 async fn shared_rooms_match_case_insensitively_and_follow_the_latest_list(store: impl Store) {
-    store.connect(&dev("user_1", "a"), &rooms(&["user_1", "Staff"])).await.unwrap();
-    store.connect(&dev("user_2", "a"), &rooms(&["user_2", "staff", "reviewer"])).await.unwrap();
-    store.connect(&dev("other", "a"), &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1", "Staff"]), None).await.unwrap();
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2", "staff", "reviewer"]), None).await.unwrap();
+    store.connect(&dev("other", "a"), &rooms(&["user_1", "staff"]), None).await.unwrap();
     let mut staff = store.users_in_room("site", "STAFF").await.unwrap();
     staff.sort();
     assert_eq!(staff, ["other", "user_1", "user_2"]);
     // The latest connection's list replaces the earlier one.
-    store.connect(&dev("user_2", "b"), &rooms(&["user_2"])).await.unwrap();
+    store.connect(&dev("user_2", "b"), &rooms(&["user_2"]), None).await.unwrap();
     assert!(store.users_in_room("site", "reviewer").await.unwrap().is_empty());
     assert!(store.users_in_room("other-site", "staff").await.unwrap().is_empty());
 }
@@ -287,29 +287,29 @@ async fn each_message_sees_the_room_members_as_they_are_now(store: impl Store) {
     }
     let (one, two) = (dev("user_1", "a"), dev("user_2", "a"));
     assert!(staff(&store).await.is_empty());
-    store.connect(&one, &rooms(&["user_1", "Staff"])).await.unwrap();
+    store.connect(&one, &rooms(&["user_1", "Staff"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1"]);
-    store.connect(&two, &rooms(&["user_2", "staff"])).await.unwrap();
+    store.connect(&two, &rooms(&["user_2", "staff"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1", "user_2"]);
     // The same rooms again, in another case: nothing changes.
-    store.connect(&one, &rooms(&["STAFF", "user_1"])).await.unwrap();
+    store.connect(&one, &rooms(&["STAFF", "user_1"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1", "user_2"]);
     // A user's latest list replaces the earlier one, whichever device sent it.
-    store.connect(&dev("user_2", "b"), &rooms(&["user_2"])).await.unwrap();
+    store.connect(&dev("user_2", "b"), &rooms(&["user_2"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1"]);
-    store.connect(&two, &rooms(&["user_2", "staff"])).await.unwrap();
+    store.connect(&two, &rooms(&["user_2", "staff"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1", "user_2"]);
     // A forgotten user leaves its rooms.
     store.disconnect(&one, 0).await.unwrap();
     assert_eq!(store.sweep(at(HOUR + 1)).await.unwrap(), vec![one.clone()]);
     assert_eq!(staff(&store).await, ["user_2"]);
-    store.connect(&one, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&one, &rooms(&["user_1", "staff"]), None).await.unwrap();
     assert_eq!(staff(&store).await, ["user_1", "user_2"]);
 }
 
 async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let limits = QueueLimits { max_len: 2, max_bytes: 1_000 };
     for i in 1..=4 {
         let out =
@@ -320,15 +320,110 @@ async fn full_queues_drop_their_oldest_and_flag_the_device(store: impl Store) {
     let by_bytes = QueueLimits { max_len: 100, max_bytes: 7 };
     store.enqueue("site", users(&["user_1"]), entry("[5]"), at(0), by_bytes, None).await.unwrap();
     assert_eq!(entries(&store, &d).await, ["[4]", "[5]"]);
-    let connected = store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    let connected = store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     assert!(connected.resync);
     assert_eq!(connected.pending.len(), 2);
-    assert!(!store.connect(&d, &rooms(&["user_1"])).await.unwrap().resync);
+    assert!(!store.connect(&d, &rooms(&["user_1"]), None).await.unwrap().resync);
+}
+
+/// A message queued for several devices is kept until its last device is done with it, whatever
+/// takes it from the others (an ack, an overflow, expiry, an operator).
+async fn a_message_for_many_devices_outlives_each_removal(store: impl Store) {
+    let (a, b, c, d) = (dev("user_1", "a"), dev("user_1", "b"), dev("user_2", "a"), dev("user_3", "a"));
+    for (device, user) in [(&a, "user_1"), (&b, "user_1"), (&c, "user_2"), (&d, "user_3")] {
+        store.connect(device, &rooms(&[user]), None).await.unwrap();
+    }
+    let shared = send(&store, &["user_1", "user_2", "user_3"], r#"["e","shared"]"#, 0).await;
+    assert_eq!(shared.devices.len(), 4);
+    // `a` and `b` overflow it away, `c` acks it, `d` goes offline and is not expired yet.
+    let one = QueueLimits { max_len: 1, max_bytes: 1_000 };
+    let out = store.enqueue("site", users(&["user_1"]), entry(r#"["e","next"]"#), at(0), one, None).await.unwrap();
+    assert_eq!(out.overflowed, vec![(a.clone(), 1), (b.clone(), 1)]);
+    ack(&store, &c, &[shared.id, shared.id]).await;
+    store.disconnect(&d, 0).await.unwrap();
+    assert_eq!(entries(&store, &a).await, [r#"["e","next"]"#]);
+    assert_eq!(entries(&store, &c).await, Vec::<String>::new());
+    assert_eq!(entries(&store, &d).await, [r#"["e","shared"]"#]);
+    let state = store.device(&d).await.unwrap().unwrap();
+    assert_eq!((state.queue_len, state.queue_bytes), (1, r#"["e","shared"]"#.len() as u64));
+    // A message to the remaining devices after expiry has taken `d`.
+    store.disconnect(&c, 2 * HOUR).await.unwrap();
+    let late = send(&store, &["user_2", "user_3"], r#"["e","late"]"#, HOUR + 1).await;
+    assert_eq!((late.devices, late.expired), (vec![c.clone()], vec![d.clone()]));
+    assert_eq!(entries(&store, &c).await, [r#"["e","late"]"#]);
+    assert_eq!(store.clear_queue(&a).await.unwrap(), 1);
+    assert_eq!(entries(&store, &b).await, [r#"["e","next"]"#]);
+}
+
+/// The order check of `resync` acks follows the queue as other changes come between.
+async fn checked_acks_follow_the_queue_as_it_changes(store: impl Store) {
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
+    let send_e = |text: &'static str| {
+        let store = &store;
+        async move { send(store, &["user_1"], text, 0).await.id }
+    };
+    let (first, second) = (send_e(r#"["e",1]"#).await, send_e(r#"["e",2]"#).await);
+    let other = send_e(r#"["f",1]"#).await;
+    // In order: only the acked message goes.
+    assert!(store.acks(vec![checked(&d, first, "e")]).await.unwrap().is_empty());
+    // A `_batch` ack takes the next one; then a new message is the oldest of its event.
+    ack(&store, &d, &[second]).await;
+    let third = send_e(r#"["e",3]"#).await;
+    assert!(store.acks(vec![checked(&d, third, "e")]).await.unwrap().is_empty());
+    // Out of order: both of its event go, the other event's message stays.
+    let (fourth, fifth) = (send_e(r#"["e",4]"#).await, send_e(r#"["e",5]"#).await);
+    let resyncs = store.acks(vec![checked(&d, fifth, "e")]).await.unwrap();
+    assert_eq!(resyncs.iter().map(|r| r.cleared).collect::<Vec<_>>(), [2]);
+    assert!(store.acks(vec![checked(&d, fourth, "e")]).await.unwrap().is_empty(), "no longer queued");
+    assert_eq!(entries(&store, &d).await, [r#"["f",1]"#]);
+    assert!(store.acks(vec![checked(&d, other, "f")]).await.unwrap().is_empty());
+    assert_eq!(entries(&store, &d).await, Vec::<String>::new());
+}
+
+/// Past the cap on devices per user room a new device forgets the one that disconnected first,
+/// with its queue; known devices come back freely; with every device connected it is refused.
+async fn a_user_room_past_its_device_cap_forgets_the_oldest_disconnected(store: impl Store) {
+    let cap = Some(2);
+    let (a, b, c, d) = (dev("user_1", "a"), dev("user_1", "b"), dev("user_1", "c"), dev("user_1", "d"));
+    store.connect(&a, &rooms(&["user_1"]), cap).await.unwrap();
+    store.connect(&b, &rooms(&["user_1"]), cap).await.unwrap();
+    store.disconnect(&b, 5).await.unwrap();
+    store.disconnect(&a, 7).await.unwrap();
+    let kept = send(&store, &["user_1"], "[1]", 10).await;
+    let connected = store.connect(&c, &rooms(&["user_1"]), cap).await.unwrap();
+    assert_eq!(connected.forgotten, vec![b.clone()], "b disconnected first");
+    assert_eq!(store.device(&b).await.unwrap(), None);
+    assert_eq!(store.pending(&b).await.unwrap(), vec![]);
+    // A known device is not a new one: no cap check.
+    let back = store.connect(&a, &rooms(&["user_1"]), cap).await.unwrap();
+    assert_eq!((back.pending.len(), back.forgotten.len(), back.pending[0].id), (1, 0, kept.id));
+    // All connected: refused, and nothing changed.
+    let refused = store.connect(&d, &rooms(&["user_1", "staff"]), cap).await;
+    assert!(matches!(refused, Err(StoreError::TooManyDevices { max: 2 })), "{refused:?}");
+    assert_eq!(store.device(&d).await.unwrap(), None);
+    assert!(store.users_in_room("site", "staff").await.unwrap().is_empty());
+    // Other user rooms have their own cap, and none is applied without one.
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2"]), Some(1)).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
+    assert_eq!(store.user_devices("site", "user_1").await.unwrap().len(), 3);
+}
+
+#[test]
+fn the_device_cap_forgets_by_disconnect_time_then_key() {
+    let state = |connected, disconnected_at| DeviceState { connected, disconnected_at, ..DeviceState::default() };
+    let devs = [dev("u", "a"), dev("u", "b"), dev("u", "c"), dev("u", "d")];
+    let states = [state(false, 9), state(true, 0), state(false, 3), state(false, 3)];
+    let forget = |max| devices_to_forget(devs.iter().zip(states.iter()), max);
+    assert_eq!(forget(5).unwrap(), vec![]);
+    assert_eq!(forget(4).unwrap(), vec![devs[2].clone()]);
+    assert_eq!(forget(2).unwrap(), vec![devs[2].clone(), devs[3].clone(), devs[0].clone()]);
+    assert!(matches!(forget(1), Err(StoreError::TooManyDevices { max: 1 })));
 }
 
 async fn disconnect_all_starts_every_connected_clock(store: impl Store) {
-    store.connect(&dev("user_1", "a"), &rooms(&["user_1"])).await.unwrap();
-    store.connect(&dev("user_2", "a"), &rooms(&["user_2"])).await.unwrap();
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&dev("user_2", "a"), &rooms(&["user_2"]), None).await.unwrap();
     store.disconnect(&dev("user_2", "a"), 5).await.unwrap();
     assert_eq!(store.disconnect_all(10).await.unwrap(), 1);
     let state = store.device(&dev("user_1", "a")).await.unwrap().unwrap();
@@ -348,13 +443,13 @@ async fn unknown_devices_are_ignored(store: impl Store) {
 
 async fn operators_see_counts_devices_and_can_drop_a_queue(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_1", "b"));
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
-    store.connect(&b, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&b, &rooms(&["user_1"]), None).await.unwrap();
     store.disconnect(&b, 5).await.unwrap();
     send(&store, &["user_1"], "[1]", 100).await;
     send(&store, &["user_1"], "[22]", 200).await;
     let other = DeviceKey::new("other", "user_1", "a");
-    store.connect(&other, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&other, &rooms(&["user_1"]), None).await.unwrap();
 
     let stats = store.stats().await.unwrap();
     let want = SiteStats { devices: 2, connected: 1, queued_messages: 4, queued_bytes: 14 };
@@ -377,14 +472,14 @@ async fn operators_see_counts_devices_and_can_drop_a_queue(store: impl Store) {
 
 async fn queued_messages_carry_their_queue_time(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     send(&store, &["user_1"], "[1]", 42).await;
     assert_eq!(store.pending(&d).await.unwrap()[0].queued_at, 42);
 }
 
 async fn a_repeated_idempotency_key_stores_nothing_new_until_it_expires(store: impl Store) {
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     let key = |fingerprint| Some(Idempotency { key: "k-1".into(), fingerprint, expires_at: 100 });
     let limits = QueueLimits::default();
     let first = store.enqueue("site", users(&["user_1"]), entry("[1]"), at(10), limits, key(7)).await.unwrap();
@@ -407,8 +502,8 @@ async fn a_repeated_idempotency_key_stores_nothing_new_until_it_expires(store: i
 
 async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {
     let (a, b) = (dev("user_1", "a"), dev("user_2", "b"));
-    store.connect(&a, &rooms(&["user_1"])).await.unwrap();
-    store.connect(&b, &rooms(&["user_2"])).await.unwrap();
+    store.connect(&a, &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&b, &rooms(&["user_2"]), None).await.unwrap();
     // Many requests at once share writer rounds; each must see the ones before it.
     let sends = (0..40).map(|i| {
         let text = format!("[{i}]");
@@ -475,6 +570,9 @@ conformance!(
     shared_rooms_match_case_insensitively_and_follow_the_latest_list,
     each_message_sees_the_room_members_as_they_are_now,
     full_queues_drop_their_oldest_and_flag_the_device,
+    a_message_for_many_devices_outlives_each_removal,
+    a_user_room_past_its_device_cap_forgets_the_oldest_disconnected,
+    checked_acks_follow_the_queue_as_it_changes,
     disconnect_all_starts_every_connected_clock,
     unknown_devices_are_ignored,
     operators_see_counts_devices_and_can_drop_a_queue,
@@ -490,7 +588,7 @@ async fn sled_recovers_durable_changes_from_a_crash_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dev("user_1", "a");
     let store = SledStore::open_with(dir.path(), 1 << 20, 0, Duration::MAX).unwrap();
-    store.connect(&d, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1", "staff"]), None).await.unwrap();
     for i in 0..3 {
         send(&store, &["user_1"], &format!("[{i}]"), 0).await;
     }
@@ -513,8 +611,8 @@ async fn sled_acks_during_a_checkpoint_are_served_and_recovered() {
     let (d1, d2) = (dev("user_1", "a"), dev("user_2", "a"));
     let every = Duration::from_millis(200);
     let store = SledStore::open_with(dir.path(), 1 << 20, 0, every).unwrap();
-    store.connect(&d1, &rooms(&["user_1"])).await.unwrap();
-    store.connect(&d2, &rooms(&["user_2"])).await.unwrap();
+    store.connect(&d1, &rooms(&["user_1"]), None).await.unwrap();
+    store.connect(&d2, &rooms(&["user_2"]), None).await.unwrap();
     tokio::time::sleep(every + Duration::from_millis(50)).await;
     // This round starts the checkpoint: its entries are frozen, new, and wait.
     let first = send(&store, &["user_1", "user_2"], "[1]", 0).await.id;
@@ -542,7 +640,7 @@ async fn sled_keeps_queues_and_registry_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let d = dev("user_1", "a");
     let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
-    store.connect(&d, &rooms(&["user_1", "staff"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1", "staff"]), None).await.unwrap();
     let first_id = send(&store, &["user_1"], "[\"e\",1]", 0).await.id;
     store.close().await;
 
@@ -572,7 +670,7 @@ async fn sled_refuses_a_data_dir_of_another_schema() {
             other => break other.err().expect("must refuse"),
         }
     };
-    assert!(matches!(err, StoreError::Schema { found: 99, expected: 1 }), "{err}");
+    assert!(matches!(err, StoreError::Schema { found: 99, expected: 2 }), "{err}");
 }
 
 /// A writer thread that dies is not survived: the store says why, refuses further work, and
@@ -582,7 +680,7 @@ async fn sled_reports_a_dead_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
     let d = dev("user_1", "a");
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     assert_eq!((store.failure(), store.is_open()), (None, true));
     store.panic_writer().await;
     let failure = store.failure().expect("a failure is reported");
@@ -598,7 +696,7 @@ async fn sled_opens_a_data_dir_with_an_unfinished_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let d = dev("user_1", "a");
     let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
-    store.connect(&d, &rooms(&["user_1"])).await.unwrap();
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
     send(&store, &["user_1"], "[1]", 0).await;
     store.close().await;
     let unfinished = dir.path().join("snap.FFFFFFFFFFFFFF00.generating");
@@ -618,7 +716,7 @@ async fn sled_opens_a_data_dir_with_an_unfinished_snapshot() {
 }
 
 /// Copies the data dir of a running store: what `kill -9` at this moment would leave.
-fn crash_image(dir: &std::path::Path) -> tempfile::TempDir {
+pub(super) fn crash_image(dir: &std::path::Path) -> tempfile::TempDir {
     let image = tempfile::tempdir().unwrap();
     for file in std::fs::read_dir(dir).unwrap() {
         let file = file.unwrap();
@@ -648,7 +746,7 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
             assert_eq!(got, expected[u], "generation {generation}, user_{u}");
             let queued = store.device(d).await.unwrap().map_or(0, |state| state.queue_len);
             assert_eq!(queued, expected[u].len() as u64, "counts recovered too");
-            store.connect(d, &rooms(&[&format!("user_{u}"), "crowd"])).await.unwrap();
+            store.connect(d, &rooms(&[&format!("user_{u}"), "crowd"]), None).await.unwrap();
         }
         for round in 0..10 + 7 * generation {
             let sends = (0..20).map(|i| {

@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import { createRequire } from "node:module";
-import { BIN, VERSIONS, startWebsite, startServer, oldEnv, client, ready, send, within } from "./helpers.mjs";
+import { BIN, VERSIONS, startWebsite, startServer, oldEnv, client, ready, send, within, ackOf, disconnected, logged, queueIsEmpty } from "./helpers.mjs";
 
 const run = promisify(execFile);
 const WebSocket = createRequire(import.meta.url)("ws");
@@ -73,6 +73,46 @@ for (const version of VERSIONS) {
     assert.equal(await room.refusal(), "Auth error: A room name from the auth endpoint of 2000 bytes is longer than server.max_name_bytes (1024).");
     room.close();
     assert.ok(!/device connected[^\n]*d{1025}/.test(server.log));
+  });
+}
+
+for (const version of VERSIONS) {
+  test(`${version}: past max_devices_per_user a user room forgets the device that disconnected first, and refuses a new one while all are connected`, async () => {
+    const capped = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_DEVICES_PER_USER: "2" }));
+    try {
+      const user = `user_cap_${version}`;
+      const token = `t-cap-${version}`;
+      website.tokens.set(token, [user]);
+      const opts = (device) => ({ token, deviceId: `${version}-${device}` });
+      for (const device of ["a", "b"]) {
+        const c = await ready(version, capped, opts(device));
+        c.close();
+        await disconnected(capped, `${version}-${device}`);
+      }
+      assert.equal((await send(capped, { body: { rooms: [user], event: "m", args: [1] } })).status, 200);
+      // A third device makes room: `a`, which left first, is forgotten with its queue.
+      const c = await ready(version, capped, opts("c"));
+      await logged(capped, new RegExp(`device forgotten with its queue[^\\n]*\\bdevice("?:"|=)${version}-a\\b`), "a forgotten");
+      const b = await ready(version, capped, opts("b"));
+      const batch = await b.waitFor("_batch");
+      assert.deepEqual(batch[1], [["m", 1]], "b kept its queue");
+      ackOf(batch)?.();
+      // b and c connected: a new device is disconnected before `_settings`, and says why in the log.
+      const d = client(version, capped, opts("d"));
+      const gone = within(new Promise((resolve) => d.socket.on("disconnect", resolve)), "d disconnected");
+      await d.connected;
+      assert.equal(await gone, "io server disconnect");
+      assert.ok(!d.events.some((e) => e[0] === "_settings"), "no _settings for a device that was not registered");
+      await logged(capped, new RegExp(`new device refused and disconnected[^\\n]*${version}-d[^\\n]*max_devices_per_user`), "d refused");
+      d.close();
+      // `a` was forgotten: once c leaves, it comes back as a new device with nothing queued.
+      c.close();
+      await disconnected(capped, `${version}-c`);
+      assert.ok(await queueIsEmpty(version, capped, opts("a"), user), "a's queue went with it");
+      b.close();
+    } finally {
+      await capped.cleanup();
+    }
   });
 }
 

@@ -292,9 +292,8 @@ export function argsOf(args) {
   return args.slice(1).filter((a) => typeof a !== "function");
 }
 
-/** Waits until the server has recorded the device's disconnect (its log says so). */
-export function disconnected(server, device) {
-  const pattern = new RegExp(`device disconnected[^\\n]*device("?:"|=)${device}\\b`);
+/** Waits until the server's log has a line matching `pattern`. */
+export function logged(server, pattern, what = String(pattern)) {
   const seen = () => pattern.test(server.log);
   if (seen()) return Promise.resolve();
   return within(
@@ -302,8 +301,13 @@ export function disconnected(server, device) {
       const check = () => seen() && (server.child.stderr.off("data", check), resolve());
       server.child.stderr.on("data", check);
     }),
-    `disconnect of ${device}`,
+    what,
   );
+}
+
+/** Waits until the server has recorded the device's disconnect (its log says so). */
+export function disconnected(server, device) {
+  return logged(server, new RegExp(`device disconnected[^\\n]*device("?:"|=)${device}\\b`), `disconnect of ${device}`);
 }
 
 /**
