@@ -127,6 +127,7 @@ impl Application {
         tasks.spawn(sweeper(state.delivery.clone(), server.sweep_interval, shutdown.clone()));
         tasks.spawn(crate::metrics::upkeep(crate::metrics::UPKEEP_EVERY, shutdown.clone()));
         tasks.spawn(net::trim_after_floods(TRIM_EVERY, shutdown.clone()));
+        tasks.spawn(realtime::watch_unauthenticated(io.clone(), UNAUTHENTICATED_EVERY, shutdown.clone()));
         if let Some((admin_listener, admin_router)) = admin {
             tracing::info!(listen = %admin_listener.local_addr()?, "admin API serving");
             tasks.spawn(state.history.clone().sample_until(shutdown.clone()));
@@ -152,6 +153,13 @@ impl Application {
         tasks.close();
 
         state.ready.store(true, Ordering::SeqCst);
+        if server.listen.port() == 0 {
+            // As the old service did (Node's listen(0)); what tests want, not a production setting.
+            tracing::warn!(
+                port = listener.local_addr()?.port(),
+                "listen port 0 (PORT=0): serving on a port the system chose"
+            );
+        }
         tracing::info!(listen = %listener.local_addr()?, tls = server.tls.is_some(), "serving");
         crate::notify::notify("READY=1");
         let stop = shutdown.clone().cancelled_owned();
@@ -198,6 +206,8 @@ impl Application {
 const ADMIN_CONNECTIONS: usize = 64;
 /// How often to check whether a passed flood left memory to give back.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the count of sessions that have not joined a site is reported.
+const UNAUTHENTICATED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often the vital components are checked.
 const VITALS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);

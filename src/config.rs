@@ -123,6 +123,9 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     /// Largest websocket message or frame a client may send.
     pub max_client_message_bytes: usize,
+    /// Most socket.io sessions that have not joined a site yet; a new one past it is closed at
+    /// once (its client retries).
+    pub max_unauthenticated_sessions: usize,
     /// Caps on connections, and their header deadline (see `net`).
     pub connections: crate::net::Limits,
     /// sled's page cache size.
@@ -290,6 +293,7 @@ struct RawServer {
     max_auth_queue: u64,
     connect_timeout_secs: u64,
     max_client_message_bytes: u64,
+    max_unauthenticated_sessions: u64,
     max_connections: u64,
     max_connections_per_address: u64,
     header_read_timeout_secs: u64,
@@ -342,6 +346,9 @@ impl Default for RawServer {
             connect_timeout_secs: 30,
             // Clients send acks and a namespace CONNECT; the engine.io default was 64 MiB.
             max_client_message_bytes: 64 * 1024,
+            // About 8 KiB each: 80 MiB at most, whoever opens them; a reconnect storm of this many
+            // clients waits for auth slots anyway.
+            max_unauthenticated_sessions: 10_000,
             // 0: the process's descriptor limit, less what the rest of it needs.
             max_connections: 0,
             // Generous for a carrier NAT; reverse proxies on private addresses are not counted.
@@ -535,6 +542,10 @@ impl Config {
                 n @ 1024..=0x4000_0000 => n as usize,
                 n => return Err(invalid("server.max_client_message_bytes", &n.to_string(), "1 KiB to 1 GiB")),
             },
+            max_unauthenticated_sessions: positive(
+                "server.max_unauthenticated_sessions",
+                s.max_unauthenticated_sessions,
+            )? as usize,
             cache_bytes: positive("server.cache_bytes", s.cache_bytes)?,
             min_free_disk_bytes: s.min_free_disk_bytes,
             request_timeout: Duration::from_secs(positive("server.request_timeout_secs", s.request_timeout_secs)?),
@@ -775,6 +786,7 @@ impl fmt::Display for Config {
         writeln!(f, "max_auth_queue = {}", s.max_auth_queue)?;
         writeln!(f, "connect_timeout_secs = {}", s.connect_timeout.as_secs())?;
         writeln!(f, "max_client_message_bytes = {}", s.max_client_message_bytes)?;
+        writeln!(f, "max_unauthenticated_sessions = {}", s.max_unauthenticated_sessions)?;
         writeln!(f, "max_connections = {}", s.connections.max_connections)?;
         writeln!(f, "max_connections_per_address = {}", s.connections.max_per_address)?;
         writeln!(f, "header_read_timeout_secs = {}", s.connections.header_read_timeout.as_secs())?;

@@ -106,6 +106,11 @@ fn describe() {
     describe_counter!("sio_push_slow_consumers_total", "Sockets disconnected because their buffer was full");
     describe_gauge!("sio_push_connections_open", "TCP connections open on the main listener");
     describe_counter!("sio_push_connections_refused_total", "Connections closed at once, over a connection cap");
+    describe_gauge!("sio_push_sessions_unauthenticated", "socket.io sessions that have not joined a site yet");
+    describe_counter!(
+        "sio_push_sessions_refused_total",
+        "socket.io sessions closed at once, over max_unauthenticated_sessions"
+    );
     describe_counter!("sio_push_auth_requests_total", "Calls to auth_url, by outcome");
     describe_histogram!("sio_push_auth_duration_seconds", Unit::Seconds, "Latency of auth_url calls");
     describe_counter!("sio_push_presence_callbacks_total", "Presence PUTs to update_user_url, by outcome");
@@ -219,6 +224,12 @@ pub fn slow_consumer(site: &str) {
 pub fn connections(open: usize) {
     static OPEN: OnceLock<metrics::Gauge> = OnceLock::new();
     OPEN.get_or_init(|| gauge!("sio_push_connections_open")).set(open as f64);
+}
+
+/// Sets the count of sessions that have not joined a site, and adds those refused since.
+pub fn unauthenticated_sessions(open: usize, refused: u64) {
+    gauge!("sio_push_sessions_unauthenticated").set(open as f64);
+    counter!("sio_push_sessions_refused_total").increment(refused);
 }
 
 /// A connection was closed at once, over a cap.

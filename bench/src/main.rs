@@ -18,6 +18,7 @@
 
 mod client;
 mod server;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -52,6 +53,9 @@ enum Scenario {
     /// R POSTs of B bytes to a shared room of N offline devices: what one message costs the
     /// store as its audience grows (time to answer, bytes written, memory).
     Queue(QueueArgs),
+    /// The store alone, filled with N devices, K messages queued on each and N idempotency keys:
+    /// what `/metrics` (the store's totals) and the sweep cost its writer.
+    Store(StoreArgs),
     /// Both, small, checking only correctness (for the test suite).
     Smoke(Common),
 }
@@ -139,6 +143,19 @@ struct QueueArgs {
     bytes: usize,
 }
 
+#[derive(Args)]
+struct StoreArgs {
+    /// Registered devices (one user room each, all in one shared room), and idempotency keys.
+    #[arg(long, default_value_t = 100_000)]
+    devices: usize,
+    /// Messages queued on every device (each one `/send` to the shared room).
+    #[arg(long, default_value_t = 10)]
+    per_device: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+}
+
 /// One thread: the generator then competes with the server for at most one of the two cores,
 /// and its threads do not wake each other (with two workers, context switches were the largest
 /// part of its profile, and they slowed the server too: unicast measured 16k msg/s at 0.071 ms
@@ -156,6 +173,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Replay(a) => run("replay", a.common.limit(), replay(&a.common, a.clients, a.per_device)).await,
         Scenario::Restart(a) => run("restart", a.common.limit(), restart(&a.common, a.clients, a.per_device)).await,
         Scenario::Queue(a) => run("queue", a.common.limit(), queue(&a.common, a.clients, a.rounds, a.bytes)).await,
+        Scenario::Store(a) => {
+            run("store", Duration::from_secs(a.timeout_secs), crate::store::run(a.devices, a.per_device)).await
+        }
         Scenario::Smoke(common) => {
             let limit = common.limit().min(Duration::from_secs(120));
             run("connect", limit, connect(&common, 50, 10)).await?;

@@ -5,7 +5,7 @@
 //! its writer, the task recording acks): the process then exits, for its supervisor to restart.
 //! `GET /readyz` answers `ready` only while the store accepts writes and no drain has begun, so a
 //! load balancer stops sending traffic before the sockets close. `GET /metrics` is the
-//! Prometheus text format; its registry gauges come from a store scan made at scrape time.
+//! Prometheus text format; its registry gauges come from totals the store keeps (no scan).
 
 use std::sync::atomic::Ordering;
 

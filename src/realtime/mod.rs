@@ -44,7 +44,30 @@ pub fn layer(server: &ServerConfig) -> (SocketIoLayer, SocketIo) {
         .ws_max_message_size(server.max_client_message_bytes)
         .ws_max_frame_size(server.max_client_message_bytes)
         .connect_timeout(server.connect_timeout)
+        .max_pending_sessions(server.max_unauthenticated_sessions)
         .build_layer()
+}
+
+/// Reports, every `period` until `stop`, the sessions that have not joined a site (a metric),
+/// and those closed at once for finding `max_unauthenticated_sessions` reached (a metric, and one
+/// log line per period in which any was).
+pub async fn watch_unauthenticated(io: SocketIo, period: Duration, stop: tokio_util::sync::CancellationToken) {
+    let max = io.config().max_pending_sessions;
+    let mut ticks = tokio::time::interval(period);
+    let mut reported = 0;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let (open, refused) = io.pending_sessions();
+        let new = refused - reported;
+        reported = refused;
+        crate::metrics::unauthenticated_sessions(open, new);
+        if new > 0 {
+            tracing::warn!(refused = new, max, "sessions closed at once: server.max_unauthenticated_sessions reached (sessions that have not joined a site yet)");
+        }
+    }
 }
 
 /// Registers the root namespace and one namespace per site.

@@ -15,6 +15,7 @@
 //! | `u`  | site, user room                | room list (JSON)           |
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
 //! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |
+//! | `x`  | expires-at ms (u64 BE), then the whole `k` key | empty: the `k` records by expiry, for the sweep |
 //! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), entry bytes (u64 BE), `1` if the entry follows (else `0`), event length (u16 BE), event, then the entry `[event, ...args]` if it follows |
 //! | `b`  | id (u64 BE)                    | the entry of a message queued for several devices |
 //! | `n`  | id (u64 BE)                    | queue entries referring to `b` of that id (u64 BE) |
@@ -27,6 +28,7 @@ pub(super) const USER: u8 = b'u';
 pub(super) const ROOM: u8 = b'r';
 pub(super) const QUEUE: u8 = b'q';
 pub(super) const IDEMPOTENCY: u8 = b'k';
+pub(super) const IDEMPOTENCY_EXPIRY: u8 = b'x';
 pub(super) const BODY: u8 = b'b';
 pub(super) const REFS: u8 = b'n';
 /// The one key holding how far message ids are reserved.
@@ -160,6 +162,17 @@ pub(super) fn idempotency_value(fingerprint: u64, expires_at: Millis) -> Vec<u8>
     [fingerprint.to_be_bytes(), expires_at.to_be_bytes()].concat()
 }
 
+/// The key of an idempotency record's entry in the index by expiry.
+pub(super) fn idempotency_expiry(expires_at: Millis, record: &[u8]) -> Vec<u8> {
+    [&[IDEMPOTENCY_EXPIRY][..], &expires_at.to_be_bytes(), record].concat()
+}
+
+/// The expiry and the record key of an entry of the index by expiry.
+pub(super) fn split_idempotency_expiry(key: &[u8]) -> Option<(Millis, &[u8])> {
+    let at: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    Some((Millis::from_be_bytes(at), &key[9..]))
+}
+
 /// The fingerprint and expiry of an idempotency record.
 pub(super) fn split_idempotency_value(value: &[u8]) -> Option<(u64, Millis)> {
     let fingerprint: [u8; 8] = value.get(..8)?.try_into().ok()?;
@@ -178,6 +191,12 @@ pub(super) fn parts(key: &[u8]) -> Option<Vec<&str>> {
         rest = &rest[2 + len..];
     }
     Some(parts)
+}
+
+/// The first part of a key (the site, for every kind that has parts).
+pub(super) fn first_part(key: &[u8]) -> Option<&str> {
+    let len = u16::from_be_bytes([*key.get(1)?, *key.get(2)?]) as usize;
+    std::str::from_utf8(key.get(3..3 + len)?).ok()
 }
 
 /// The message id at the end of a queue key.
@@ -274,6 +293,15 @@ mod tests {
         v1.extend_from_slice(br#"["e",1]"#);
         assert_eq!(split_v1_queued_value(&v1), Some((1_700_000_000_123, r#"["e",1]"#)));
         assert_eq!(split_queued_value(&v1), None);
+    }
+
+    #[test]
+    fn idempotency_records_index_by_expiry() {
+        let record = idempotency("s", "key-1").unwrap();
+        let (early, late) = (idempotency_expiry(255, &record), idempotency_expiry(256, &record));
+        assert!(early < late);
+        assert_eq!(split_idempotency_expiry(&late), Some((256, record.as_slice())));
+        assert_eq!(first_part(&record), Some("s"));
     }
 
     #[test]

@@ -363,7 +363,8 @@ pub trait Store: Send + Sync + 'static {
     /// What is known about one device, if anything.
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError>;
 
-    /// Counts per site (a scan of the device registry, not of the queues).
+    /// Counts per site. The sled store counts once and then keeps them through every change, so
+    /// this is cheap to call at every scrape.
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError>;
 
     /// The devices of one user room, with their queue figures.

@@ -74,15 +74,21 @@ pub struct Pending(BTreeMap<Vec<u8>, Change>);
 
 impl Pending {
     /// Adds a job's changes.
+    #[cfg(test)]
     pub fn apply(&mut self, changes: Changes) {
         for (key, op) in changes.0 {
-            let change = match op {
-                Op::Put(value) => Change::Put { value, fresh: false },
-                Op::PutNew(value) => Change::Put { value, fresh: true },
-                Op::Remove => Change::Remove,
-            };
-            self.set(key, change);
+            self.apply_one(key, op);
         }
+    }
+
+    /// Adds one change of a job's.
+    pub fn apply_one(&mut self, key: Vec<u8>, op: Op) {
+        let change = match op {
+            Op::Put(value) => Change::Put { value, fresh: false },
+            Op::PutNew(value) => Change::Put { value, fresh: true },
+            Op::Remove => Change::Remove,
+        };
+        self.set(key, change);
     }
 
     /// Adds the changes of a later round. A removal of a key that `frozen` (the changes a

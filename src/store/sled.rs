@@ -20,7 +20,7 @@ use sled::Tree;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys;
-use super::round::{Changes, Pending, Scan, View};
+use super::round::{Changes, Op, Pending, Scan, View};
 use super::wal::{is_sync_failure, Wal};
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
@@ -149,6 +149,10 @@ struct Writer {
     members: Members,
     /// Each queue's message ids by event, for the order check of `resync` acks (see [`Events`]).
     events: Events,
+    /// Per-site totals of the registry and the queues (what `/metrics` shows): counted from the
+    /// tree when first asked for, then kept by [`Writer::apply`] from each change, so that a
+    /// scrape costs no scan. `None` until then, and again after a round that could not be logged.
+    totals: Option<BTreeMap<String, SiteStats>>,
     /// Messages kept once for several devices (`keys::body`) whose queue entries the current job
     /// removed, with how many: [`Writer::settle`] counts them off their references before the
     /// job's changes are applied.
@@ -369,6 +373,7 @@ impl SledStore {
             members: Members::default(),
             events: Events::default(),
             released: BTreeMap::new(),
+            totals: None,
             db,
             tree,
             pending: Pending::default(),
@@ -556,6 +561,7 @@ impl Writer {
         if let Err(e) = self.wal.commit(sync) {
             self.ids.reserved = self.ids.durable;
             self.forget_caches();
+            self.totals = None;
             let error = format!("cannot write the write-ahead log: {e}");
             if is_sync_failure(&e) {
                 self.fail(error.clone());
@@ -687,15 +693,77 @@ impl Writer {
 
     /// Applies one job's atomic set of changes to the current round.
     fn apply(&mut self, changes: Changes) {
-        for (key, _) in &changes.0 {
-            match (key.first(), keys::two_part_prefix(key)) {
+        self.wal.log(&changes);
+        for (key, op) in changes.0 {
+            match (key.first(), keys::two_part_prefix(&key)) {
                 (Some(&keys::DEVICE), Some(owner)) => drop(self.devices.remove(owner)),
                 (Some(&keys::ROOM), Some(room)) => self.members.forget(room),
                 _ => {}
             }
+            if self.totals.is_some() {
+                self.count(&key, &op);
+            }
+            self.round.apply_one(key, op);
         }
-        self.wal.log(&changes);
-        self.round.apply(changes);
+    }
+
+    /// Keeps the totals true through one change, read against the value it replaces.
+    fn count(&mut self, key: &[u8], op: &Op) {
+        let kind = key.first().copied();
+        if kind != Some(keys::DEVICE) && kind != Some(keys::QUEUE) {
+            return;
+        }
+        let new = match op {
+            Op::Put(value) | Op::PutNew(value) => Some(value.as_slice()),
+            Op::Remove => None,
+        };
+        let old = match op {
+            Op::PutNew(_) => None, // a new key: nothing to read
+            _ => match self.get(key) {
+                Ok(old) => old,
+                Err(_) => return self.totals = None, // counted again when next asked for
+            },
+        };
+        let (Some(site), Some(totals)) = (keys::first_part(key), self.totals.as_mut()) else { return };
+        let site_totals = match totals.get_mut(site) {
+            Some(known) => known,
+            None => totals.entry(site.to_owned()).or_default(),
+        };
+        let delta = |total: &mut u64, old: u64, new: u64| *total = (*total + new).saturating_sub(old);
+        if kind == Some(keys::DEVICE) {
+            let connected = |v: Option<&[u8]>| {
+                v.and_then(|v| serde_json::from_slice::<DeviceState>(v).ok()).is_some_and(|s| s.connected)
+            };
+            delta(&mut site_totals.devices, u64::from(old.is_some()), u64::from(new.is_some()));
+            delta(&mut site_totals.connected, u64::from(connected(old.as_deref())), u64::from(connected(new)));
+        } else {
+            let size = |v: Option<&[u8]>| v.and_then(keys::split_queued_value).map(|q| q.size);
+            let (old, new) = (size(old.as_deref()), size(new));
+            delta(&mut site_totals.queued_messages, u64::from(old.is_some()), u64::from(new.is_some()));
+            delta(&mut site_totals.queued_bytes, old.unwrap_or(0), new.unwrap_or(0));
+        }
+    }
+
+    /// The totals, counted from the tree: every device and every queue entry.
+    fn count_all(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
+        let mut totals = BTreeMap::<String, SiteStats>::new();
+        for item in self.scan(&[keys::DEVICE]) {
+            let (k, v) = item?;
+            let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+            let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
+            let site = totals.entry(keys::first_part(&k).ok_or_else(corrupt)?.to_owned()).or_default();
+            site.devices += 1;
+            site.connected += u64::from(state.connected);
+        }
+        for item in self.scan(&[keys::QUEUE]) {
+            let (k, v) = item?;
+            let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
+            let queued = keys::split_queued_value(&v).ok_or_else(corrupt)?;
+            let site = totals.entry(keys::first_part(&k).ok_or_else(corrupt)?.to_owned()).or_default();
+            site.queued_messages += 1;
+            site.queued_bytes += queued.size;
+        }
+        Ok(totals)
     }
 
     /// Drops what the writer keeps in memory of the tree; the tree (with the changes over it)
@@ -1095,8 +1163,9 @@ fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreErr
 }
 
 /// Rewrites the queue entries of a schema 1 data dir in today's layout, each keeping its message
-/// (schema 1 kept a copy in every entry). Runs again after a crash part way: entries already
-/// rewritten are told apart and left. Returns how many it rewrote.
+/// (schema 1 kept a copy in every entry), and indexes its idempotency records by expiry. Runs
+/// again after a crash part way: entries already rewritten are told apart and left, index
+/// entries are written again. Returns how many queue entries it rewrote.
 fn upgrade_from_v1(tree: &Tree) -> Result<u64, StoreError> {
     let mut upgraded = 0;
     let mut batch = sled::Batch::default();
@@ -1113,6 +1182,14 @@ fn upgrade_from_v1(tree: &Tree) -> Result<u64, StoreError> {
         }
     }
     tree.apply_batch(batch).map_err(io)?;
+    let mut index = sled::Batch::default();
+    for item in tree.scan_prefix([keys::IDEMPOTENCY]) {
+        let (k, v) = item.map_err(io)?;
+        let (_, expires_at) =
+            keys::split_idempotency_value(&v).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
+        index.insert(keys::idempotency_expiry(expires_at, &k), &[]);
+    }
+    tree.apply_batch(index).map_err(io)?;
     Ok(upgraded)
 }
 
@@ -1231,6 +1308,7 @@ impl Store for SledStore {
                 if let Some(replay) = idem.replay_of(earlier, expiry.now) {
                     return Ok(Enqueued { replay: Some(replay), ..Enqueued::default() });
                 }
+                batch.insert(keys::idempotency_expiry(idem.expires_at, &key), []);
                 batch.insert(key, keys::idempotency_value(idem.fingerprint, idem.expires_at));
             }
             let id = w.new_id();
@@ -1373,14 +1451,23 @@ impl Store for SledStore {
                     w.apply(batch);
                 }
             }
+            // Idempotency keys by expiry, up to the first that has not expired. A key used again
+            // after it expired has a newer entry; its record goes with that one, not this one.
             let mut batch = Changes::default();
-            for item in w.scan(&[keys::IDEMPOTENCY]) {
-                let (k, v) = item?;
-                let (_, expires_at) =
-                    keys::split_idempotency_value(&v).ok_or_else(|| StoreError::Corrupt { key: keys::show(&k) })?;
-                if expires_at <= expiry.now {
-                    batch.remove(k);
+            for item in w.scan(&[keys::IDEMPOTENCY_EXPIRY]) {
+                let (x, _) = item?;
+                let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
+                let (expires_at, record) = keys::split_idempotency_expiry(&x).ok_or_else(|| corrupt(&x))?;
+                if expires_at > expiry.now {
+                    break;
                 }
+                if let Some(v) = w.get(record)? {
+                    let (_, current) = keys::split_idempotency_value(&v).ok_or_else(|| corrupt(record))?;
+                    if current == expires_at {
+                        batch.remove(record);
+                    }
+                }
+                batch.remove(x);
             }
             w.apply(batch);
             Ok(expired)
@@ -1399,15 +1486,10 @@ impl Store for SledStore {
 
     async fn stats(&self) -> Result<BTreeMap<String, SiteStats>, StoreError> {
         self.job(Durability::Written, |w| {
-            let mut out = BTreeMap::<String, SiteStats>::new();
-            let devices: Vec<_> = w.scan(&[keys::DEVICE]).collect::<Result<_, _>>()?;
-            for (k, v) in devices {
-                let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
-                let dev = keys::parse_device(&k).ok_or_else(corrupt)?;
-                let state = w.with_counts(&dev, serde_json::from_slice(&v).map_err(|_| corrupt())?)?;
-                out.entry(dev.site.to_string()).or_default().add(&state);
+            if w.totals.is_none() {
+                w.totals = Some(w.count_all()?);
             }
-            Ok(out)
+            Ok(w.totals.clone().unwrap_or_default())
         })
         .await
     }
@@ -1514,6 +1596,19 @@ impl Writer {
                 return Err(format!("the event index of {} is off", keys::show(prefix)));
             }
         }
+        if let Some(totals) = &self.totals {
+            let kept: BTreeMap<_, _> = totals.iter().filter(|(_, t)| **t != SiteStats::default()).collect();
+            let counted = self.count_all().map_err(|e| e.to_string())?;
+            if kept != counted.iter().collect() {
+                return Err(format!("totals kept {kept:?}, counted {counted:?}"));
+            }
+        }
+        for (k, v) in all(self, keys::IDEMPOTENCY)? {
+            let (_, expires_at) = keys::split_idempotency_value(&v).ok_or("a bad idempotency record")?;
+            if self.get(&keys::idempotency_expiry(expires_at, &k)).map_err(|e| e.to_string())?.is_none() {
+                return Err(format!("idempotency record {} is not indexed by its expiry", keys::show(&k)));
+            }
+        }
         let indexed: usize = self.events.queues.values().flat_map(|e| e.values()).map(BTreeSet::len).sum();
         if indexed != self.events.total {
             return Err(format!("the event index counts {} ids, holds {indexed}", self.events.total));
@@ -1549,6 +1644,7 @@ mod tests {
             tree.insert(keys::queued(&qa, 8), v1(80, r#"["e",2]"#)).unwrap();
             tree.insert(keys::queued(&qb, 7), keys::queued_value(70, 7, "e", Some(r#"["e",1]"#))).unwrap();
             tree.insert(keys::IDS_RESERVED, &9u64.to_be_bytes()).unwrap();
+            tree.insert(keys::idempotency("site", "k-1").unwrap(), keys::idempotency_value(3, 500)).unwrap();
             db.flush().unwrap();
         }
         let store = loop {
@@ -1568,6 +1664,19 @@ mod tests {
         assert_eq!((state.queue_len, state.queue_bytes), (2, 14));
         let late = vec![Ack::Live { device: a.clone(), id: 8, checked: Some("e".into()) }];
         assert_eq!(store.acks(late).await.unwrap().len(), 1, "the event of an upgraded entry is known");
+        store.stats().await.unwrap();
+        store.audit().await.unwrap(); // idempotency records indexed by expiry too
+        store.sweep(Expiry { now: 500, ttl_ms: 0 }).await.unwrap();
+        let reused = Idempotency { key: "k-1".into(), fingerprint: 4, expires_at: 900 };
+        let out = store.enqueue(
+            "site",
+            vec![],
+            "[1]".into(),
+            Expiry { now: 501, ttl_ms: 0 },
+            QueueLimits::default(),
+            Some(reused),
+        );
+        assert_eq!(out.await.unwrap().replay, None, "the upgraded record expired and was swept");
         store.audit().await.unwrap();
         store.close().await;
         let db = loop {
@@ -1605,6 +1714,7 @@ mod tests {
                 (0..8).map(|i| DeviceKey::new("site", &format!("user_{}", i % 4), &format!("d{i}"))).collect();
             for generation in 0..3 {
                 let store = SledStore::open_with(dir.path(), 1 << 20, 0, every).unwrap();
+                store.stats().await.unwrap(); // from now on kept through every change, and audited
                 store.audit().await.unwrap_or_else(|e| panic!("seed {seed}, after recovery {generation}: {e}"));
                 for step in 0..150 {
                     let now = generation * 10_000 + step * 10;
@@ -1616,7 +1726,11 @@ mod tests {
                             let limits = QueueLimits { max_len: 1 + dice.below(6), max_bytes: 1_000 };
                             let text = format!(r#"["e{}",{step}]"#, dice.below(2));
                             let expiry = Expiry { now, ttl_ms: 400 };
-                            store.enqueue("site", users, text.into(), expiry, limits, None).await.unwrap();
+                            let key = format!("key-{}", dice.below(5));
+                            let idem =
+                                Idempotency { key, fingerprint: dice.below(2), expires_at: now + dice.below(300) };
+                            let idem = (dice.below(2) == 0).then_some(idem);
+                            store.enqueue("site", users, text.into(), expiry, limits, idem).await.unwrap();
                         }
                         4 => drop(store.connect(d, &[d.user.to_string()], None).await.unwrap()),
                         5 => store.disconnect(d, now).await.unwrap(),

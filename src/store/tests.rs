@@ -498,6 +498,17 @@ async fn a_repeated_idempotency_key_stores_nothing_new_until_it_expires(store: i
     let later = store.enqueue("site", users(&["user_1"]), entry("[3]"), at(101), limits, key(7)).await.unwrap();
     assert_eq!(later.replay, None);
     assert_eq!(entries(&store, &d).await, ["[1]", "[3]"]);
+    // Used again once expired but before a sweep: sweeping the old expiry keeps the new record.
+    let reused = |fingerprint, expires_at| Some(Idempotency { key: "k-2".into(), fingerprint, expires_at });
+    let send_reused = |text: &'static str, now, fingerprint, expires_at| {
+        store.enqueue("site", users(&["user_1"]), entry(text), at(now), limits, reused(fingerprint, expires_at))
+    };
+    assert_eq!(send_reused("[4]", 101, 1, 150).await.unwrap().replay, None);
+    assert_eq!(send_reused("[5]", 160, 2, 400).await.unwrap().replay, None);
+    store.sweep(at(200)).await.unwrap();
+    assert_eq!(send_reused("[6]", 210, 2, 500).await.unwrap().replay, Some(Replay::Same));
+    store.sweep(at(400)).await.unwrap();
+    assert_eq!(send_reused("[7]", 410, 2, 600).await.unwrap().replay, None);
 }
 
 async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {

@@ -161,3 +161,46 @@ test("a stream of handshakes that never join a site: answered, then closed after
     await server.cleanup();
   }
 });
+
+test("sessions that have not joined a site are capped: past max_unauthenticated_sessions a new one is closed at once, said once a second", async () => {
+  const server = await startServer(oldEnv(website, {
+    SIO_PUSH_SERVER__MAX_UNAUTHENTICATED_SESSIONS: "50",
+    SIO_PUSH_SERVER__AUTH_TIMEOUT_MS: "1000",
+    SIO_PUSH_SERVER__CONNECT_TIMEOUT_SECS: "3",
+  }));
+  const metric = async (name) => {
+    const text = await (await fetch(`${server.url}/metrics`)).text();
+    return Number(text.match(new RegExp(`^${name} (\\d+)`, "m"))?.[1] ?? NaN);
+  };
+  try {
+    // Two real clients join a site: they do not count.
+    const joined = await Promise.all(["v2", "v4"].map((version, i) => ready(version, server, { token: `t${i}`, deviceId: `joined-${version}` })));
+    await Promise.all(
+      Array.from({ length: 80 }, (_, i) => fetch(`${server.url}/socket.io/?EIO=${i % 2 ? 3 : 4}&transport=polling`).then((r) => r.text())),
+    );
+    await within(
+      (async () => {
+        while (!/sessions closed at once: server\.max_unauthenticated_sessions reached/.test(server.log)) await new Promise((r) => setTimeout(r, 50));
+      })(),
+      "the log line",
+      3000,
+    );
+    assert.equal(await metric("sio_push_sessions_unauthenticated"), 50);
+    assert.equal(await metric("sio_push_sessions_refused_total"), 30);
+    // One line a second at most, each with how many: together, every refusal.
+    const lines = server.log.split("\n").filter((l) => /sessions closed at once/.test(l));
+    assert.ok(lines.length <= 2, lines.join("\n"));
+    assert.equal(lines.reduce((n, l) => n + Number(l.match(/refused("?:"?|=)(\d+)/)[2]), 0), 30);
+    await stillServing(server);
+    // While full, a new client is closed at once; once the strangers' sessions time out, it joins.
+    for (const version of ["v2", "v4"]) {
+      await assert.rejects(client(version, server, { token: "t5", deviceId: `late-${version}` }).connected);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 3500));
+    for (const version of ["v2", "v4"]) (await ready(version, server, { token: "t5", deviceId: `late-${version}` })).close();
+    assert.equal(await metric("sio_push_sessions_unauthenticated"), 0);
+    joined.forEach((c) => c.close());
+  } finally {
+    await server.cleanup();
+  }
+});

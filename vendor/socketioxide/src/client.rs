@@ -1,6 +1,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
@@ -30,6 +31,9 @@ pub struct Client<A: Adapter> {
     pub(crate) nsps: RwLock<HashMap<Str, Arc<Namespace<A>>>>,
     router: RwLock<Router<NamespaceCtr<A>>>,
     adapter_state: A::State,
+    /// sio-push patch: sessions waiting for their first namespace, and those refused for it.
+    pending: AtomicUsize,
+    pending_refused: AtomicU64,
 
     #[cfg(feature = "state")]
     pub(crate) state: state::TypeMap![Send + Sync],
@@ -51,6 +55,8 @@ impl<A: Adapter> Client<A> {
             nsps: RwLock::new(HashMap::new()),
             router: RwLock::new(Router::new()),
             adapter_state,
+            pending: AtomicUsize::new(0),
+            pending_refused: AtomicU64::new(0),
             #[cfg(feature = "state")]
             state,
         }
@@ -73,8 +79,13 @@ impl<A: Adapter> Client<A> {
             ProtocolVersion::V4 => ns_path.split_once('?').map_or(ns_path, |(path, _)| path),
             ProtocolVersion::V5 => ns_path,
         };
+        let client = self.clone();
         let connect = async move |ns: Arc<Namespace<A>>, esocket: Arc<EIoSocket<SocketData<A>>>| {
+            let first_own = protocol == ProtocolVersion::V5 || ns.path != "/";
             if ns.connect(esocket.id, esocket.clone(), auth).await.is_ok() {
+                if first_own {
+                    client.pending_done(&esocket);
+                }
                 // cancel the connect timeout task for v5
                 if let Some(tx) = esocket.data.connect_recv_tx.lock().unwrap().take() {
                     tx.send(()).ok();
@@ -132,6 +143,18 @@ impl<A: Adapter> Client<A> {
             #[cfg(feature = "tracing")]
             tracing::debug!(?sid, "invalid namespace requested: {}", packet.ns);
             Ok(())
+        }
+    }
+
+    /// sio-push patch: see [`crate::SocketIo::pending_sessions`].
+    pub(crate) fn pending_sessions(&self) -> (usize, u64) {
+        (self.pending.load(Ordering::Relaxed), self.pending_refused.load(Ordering::Relaxed))
+    }
+
+    /// sio-push patch: the session no longer waits for its first namespace.
+    fn pending_done(&self, esocket: &EIoSocket<SocketData<A>>) {
+        if esocket.data.pending.swap(false, Ordering::AcqRel) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -230,6 +253,9 @@ pub struct SocketData<A: Adapter> {
 
     /// Used to store the [`SocketIo`] instance so it can be accessed by any sockets
     pub io: OnceLock<SocketIo<A>>,
+
+    /// sio-push patch: the session waits for its first namespace (see `Client::pending_done`).
+    pub pending: AtomicBool,
 }
 impl<A: Adapter> Default for SocketData<A> {
     fn default() -> Self {
@@ -237,6 +263,7 @@ impl<A: Adapter> Default for SocketData<A> {
             parser_state: ParserState::default(),
             connect_recv_tx: Mutex::new(None),
             io: OnceLock::new(),
+            pending: AtomicBool::new(false),
         }
     }
 }
@@ -255,6 +282,15 @@ impl<A: Adapter> EngineIoHandler for Client<A> {
     #[cfg_attr(feature = "tracing", tracing::instrument(skip(self, socket), fields(sid = socket.id.to_string())))]
     fn on_connect(self: Arc<Self>, socket: Arc<EIoSocket<SocketData<A>>>) {
         socket.data.io.set(SocketIo::from(self.clone())).ok();
+
+        // sio-push patch: a bound on sessions waiting for their first namespace (before any auth).
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending_sessions {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending_refused.fetch_add(1, Ordering::Relaxed);
+            socket.close(EIoDisconnectReason::TransportClose);
+            return;
+        }
+        socket.data.pending.store(true, Ordering::Release);
 
         #[cfg(feature = "tracing")]
         tracing::debug!("eio socket connect");
@@ -277,6 +313,7 @@ impl<A: Adapter> EngineIoHandler for Client<A> {
     fn on_disconnect(&self, socket: Arc<EIoSocket<SocketData<A>>>, reason: EIoDisconnectReason) {
         #[cfg(feature = "tracing")]
         tracing::debug!("eio socket disconnected");
+        self.pending_done(&socket);
         let socks: Vec<_> = self
             .nsps
             .read()

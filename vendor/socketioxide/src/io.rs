@@ -107,6 +107,12 @@ pub struct SocketIoConfig {
     /// Defaults to 45 seconds.
     pub connect_timeout: Duration,
 
+    /// sio-push patch: the most sessions that may wait for their first namespace (for protocol v4,
+    /// a namespace other than the implicit root) at once; a new session past it is closed at once.
+    ///
+    /// Defaults to no limit.
+    pub max_pending_sessions: usize,
+
     /// The parser to use to encode and decode socket.io packets
     pub(crate) parser: Parser,
 
@@ -126,6 +132,7 @@ impl Default for SocketIoConfig {
             },
             ack_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(45),
+            max_pending_sessions: usize::MAX,
             parser: Parser::default(),
             parse_config: ParseConfig::default(),
             server_id: Uid::new(),
@@ -277,6 +284,13 @@ impl<A: Adapter> SocketIoBuilder<A> {
     #[inline]
     pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
         self.config.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// sio-push patch: see [`SocketIoConfig::max_pending_sessions`].
+    #[inline]
+    pub fn max_pending_sessions(mut self, max: usize) -> Self {
+        self.config.max_pending_sessions = max;
         self
     }
 
@@ -441,6 +455,13 @@ impl<A: Adapter> SocketIo<A> {
     #[inline]
     pub fn config(&self) -> &SocketIoConfig {
         &self.0.config
+    }
+
+    /// sio-push patch: sessions waiting for their first namespace now, and how many were closed
+    /// so far for finding [`SocketIoConfig::max_pending_sessions`] reached.
+    #[inline]
+    pub fn pending_sessions(&self) -> (usize, u64) {
+        self.0.pending_sessions()
     }
 
     /// # Register a [`ConnectHandler`] for the given dynamic namespace.
