@@ -106,18 +106,14 @@ impl Store for MemoryStore {
         }
         state.users.insert((device.site.clone(), device.user.clone()), rooms.to_vec());
         let watermark = state.next_id;
-        let dev = state.devices.entry(device.clone()).or_default();
-        dev.connected = true;
-        let resync = dev.owes_resync();
-        (dev.overflowed, dev.resync_at) = (false, None);
+        let resync = state.devices.entry(device.clone()).or_default().connect();
         let pending = state.pending(device);
         Ok(Connected { pending, resync, watermark, forgotten })
     }
 
     async fn disconnect(&self, device: &DeviceKey, now: Millis) -> Result<(), StoreError> {
         if let Some(dev) = self.lock().devices.get_mut(device) {
-            dev.connected = false;
-            dev.disconnected_at = now;
+            dev.disconnect(now);
         }
         Ok(())
     }
@@ -125,8 +121,7 @@ impl Store for MemoryStore {
     async fn disconnect_all(&self, now: Millis) -> Result<u64, StoreError> {
         let mut count = 0;
         for dev in self.lock().devices.values_mut().filter(|d| d.connected) {
-            dev.connected = false;
-            dev.disconnected_at = now;
+            dev.disconnect(now);
             count += 1;
         }
         Ok(count)
@@ -177,7 +172,7 @@ impl Store for MemoryStore {
                 d.queue_len += 1;
                 d.queue_bytes += entry.len() as u64;
                 let mut dropped = 0;
-                while d.queue_len > 1 && (d.queue_len > limits.max_len || d.queue_bytes > limits.max_bytes) {
+                while limits.exceeded(d.queue_len, d.queue_bytes) {
                     let (_, oldest) = queue.pop_first().expect("queue_len counts its entries");
                     d.queue_len -= 1;
                     d.queue_bytes -= oldest.entry.len() as u64;
@@ -233,8 +228,8 @@ impl Store for MemoryStore {
     }
 
     async fn resync_sent(&self, device: &DeviceKey, seq: MessageId) -> Result<(), StoreError> {
-        if let Some(dev) = self.lock().devices.get_mut(device).filter(|d| d.resync_at == Some(seq)) {
-            dev.resync_at = None;
+        if let Some(dev) = self.lock().devices.get_mut(device) {
+            dev.resync_delivered(seq);
         }
         Ok(())
     }

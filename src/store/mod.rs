@@ -6,17 +6,19 @@
 //! delivery code holds an `Arc<dyn Store>`, so another backend (Redis, say) only has to pass the
 //! same conformance suite (`store::tests`).
 //!
+//! The rules (expiry, queue caps, the order of `resync` acks, idempotency, the cap on devices)
+//! are written once, in `rules.rs`; each backend, in its own folder or file (`sled/`,
+//! `memory.rs`), only stores and reads.
+//!
 //! Each method is one atomic unit of work. Methods that accept data from `POST /send`, register
 //! a device or act for an operator return only once the change is durable. Acknowledgements,
 //! disconnect times and expiry may be lazier (the sled store makes them durable with the next
 //! durable change, or within a second): a lost removal only means a duplicate delivery, and a
 //! lost disconnect time is set again at the next start.
 
-mod keys;
 pub mod memory;
-mod round;
+mod rules;
 pub mod sled;
-mod wal;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -73,30 +75,6 @@ pub struct Expiry {
     pub ttl_ms: u64,
 }
 
-impl Idempotency {
-    /// How a request carrying this key relates to the record of an earlier one, if any.
-    fn replay_of(&self, earlier: Option<(u64, Millis)>, now: Millis) -> Option<Replay> {
-        let (fingerprint, _) = earlier.filter(|(_, expires_at)| *expires_at > now)?;
-        Some(if fingerprint == self.fingerprint { Replay::Same } else { Replay::Different })
-    }
-}
-
-impl SiteStats {
-    /// Counts one device in.
-    fn add(&mut self, device: &DeviceState) {
-        self.devices += 1;
-        self.connected += u64::from(device.connected);
-        self.queued_messages += device.queue_len;
-        self.queued_bytes += device.queue_bytes;
-    }
-}
-
-impl Expiry {
-    fn is_expired(&self, device: &DeviceState) -> bool {
-        self.ttl_ms != 0 && !device.connected && self.now.saturating_sub(device.disconnected_at) > self.ttl_ms
-    }
-}
-
 /// Per-device caps on a queue. When a new message does not fit, the oldest messages are dropped
 /// and the device is flagged so it gets `_resync` on its next connect.
 #[derive(Clone, Copy, Debug)]
@@ -131,13 +109,6 @@ pub struct DeviceState {
     /// against connects, as message ids do (see [`Connected::watermark`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_at: Option<MessageId>,
-}
-
-impl DeviceState {
-    /// The device is owed a `_resync`: its queue overflowed, or an ack came out of order.
-    pub fn owes_resync(&self) -> bool {
-        self.overflowed || self.resync_at.is_some()
-    }
 }
 
 /// What a site holds, for metrics and operators.
@@ -388,65 +359,7 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// The rule of the cap on devices per user room, for every backend: which of the room's
-/// `devices` to forget so that one more fits under `max`, disconnected longest first (by key
-/// among equals). `Err` when too few are disconnected.
-pub(crate) fn devices_to_forget<'a>(
-    devices: impl IntoIterator<Item = (&'a DeviceKey, &'a DeviceState)>,
-    max: u64,
-) -> Result<Vec<DeviceKey>, StoreError> {
-    let mut count = 0u64;
-    let mut disconnected = Vec::new();
-    for (dev, state) in devices {
-        count += 1;
-        if !state.connected {
-            disconnected.push((state.disconnected_at, dev));
-        }
-    }
-    let excess = (count + 1).saturating_sub(max.max(1)) as usize;
-    if excess > disconnected.len() {
-        return Err(StoreError::TooManyDevices { max });
-    }
-    disconnected.sort();
-    Ok(disconnected.into_iter().take(excess).map(|(_, dev)| dev.clone()).collect())
-}
-
-/// The event name of a queued `[event, ...args]` entry.
-pub(crate) fn entry_event(entry: &str) -> Option<String> {
-    let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(entry).ok()?;
-    serde_json::from_str(items.first()?.get()).ok()
-}
-
-/// What an ack checked for order does to a queue: the rule of `resync=true`, for every backend.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum InOrder {
-    /// The message is no longer queued: nothing to do.
-    NotQueued,
-    /// It is the oldest queued message of its event: remove it.
-    Oldest,
-    /// An older message of its event is still queued: remove all of these (every queued message
-    /// of the event) and owe the device a `_resync`.
-    Late(Vec<MessageId>),
-}
-
-/// Applies the rule to the ids of the queued messages of the acked message's event, oldest
-/// first. The oldest is settled by the first id, so a backend that keeps those ids at hand (the
-/// sled store indexes them) checks an ack in order without reading the queue.
-pub(crate) fn in_order(same_event: impl IntoIterator<Item = MessageId>, id: MessageId) -> InOrder {
-    let mut same_event = same_event.into_iter();
-    match same_event.next() {
-        Some(oldest) if oldest == id => InOrder::Oldest,
-        Some(oldest) => {
-            let ids: Vec<MessageId> = std::iter::once(oldest).chain(same_event).collect();
-            if ids.contains(&id) {
-                InOrder::Late(ids)
-            } else {
-                InOrder::NotQueued
-            }
-        }
-        None => InOrder::NotQueued,
-    }
-}
+pub(crate) use self::rules::{devices_to_forget, entry_event, in_order, InOrder};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import { tmpdir } from "node:os";
@@ -115,6 +115,34 @@ for (const version of VERSIONS) {
     }
   });
 }
+
+test("a message for many devices is stored once: 400 KB to 100 devices writes far less than 100 copies, and each device gets it whole", async () => {
+  const devices = Array.from({ length: 100 }, (_, i) => ({ token: `t-crowd-${i}`, deviceId: "phone" }));
+  devices.forEach((d, i) => website.tokens.set(d.token, [`user_crowd_${i}`, "crowd"]));
+  for (let i = 0; i < devices.length; i += 25) {
+    const opened = await Promise.all(devices.slice(i, i + 25).map((d) => ready("v4", server, d)));
+    opened.forEach((c) => c.close());
+  }
+  const written = () => Number(readFileSync(`/proc/${server.child.pid}/io`, "utf8").match(/^write_bytes: (\d+)/m)[1]);
+  const big = "x".repeat(400_000);
+  const before = written();
+  const res = await send(server, { body: { rooms: ["crowd"], event: "big", args: [big] } });
+  assert.equal(res.status, 200, res.text);
+  const bytes = written() - before;
+  assert.ok(bytes < 8_000_000, `${bytes} bytes written for one message (100 copies would be 40 MB)`);
+  // Each device gets it whole; acks by some leave it for the others.
+  for (const [i, version] of [[0, "v2"], [1, "v4"], [99, "v4"]]) {
+    const c = await ready(version, server, devices[i]);
+    const batch = await c.waitFor("_batch");
+    assert.deepEqual(batch[1], [["big", big]]);
+    ackOf(batch)?.();
+    c.close();
+  }
+  assert.ok(await queueIsEmpty("v4", server, devices[0], "user_crowd_0"), "acked");
+  const c = await ready("v2", server, devices[50]);
+  assert.equal((await c.waitFor("_batch"))[1][0][1].length, big.length, "still queued for the others");
+  c.close();
+});
 
 test("a Content-Length over max_body_bytes is refused at once with 413, whatever follows", async () => {
   const { answer, ms } = await within(

@@ -19,9 +19,12 @@ use async_trait::async_trait;
 use sled::Tree;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys;
-use super::round::{Changes, Op, Pending, Scan, View};
-use super::wal::{is_sync_failure, Wal};
+mod keys;
+mod round;
+pub(super) mod wal;
+
+use self::round::{Changes, Op, Pending, Scan, View};
+use self::wal::{is_sync_failure, Wal};
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
     Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
@@ -1219,9 +1222,7 @@ impl Store for SledStore {
                 w.settle(&mut batch)?;
             }
             let mut state = known.unwrap_or_default();
-            let resync = state.owes_resync();
-            (state.overflowed, state.resync_at) = (false, None);
-            state.connected = true;
+            let resync = state.connect();
 
             // Only the shared-room keys that change: most connects name the same rooms again.
             let room_keys = |list: &[String]| -> Result<BTreeSet<Vec<u8>>, StoreError> {
@@ -1246,8 +1247,7 @@ impl Store for SledStore {
         let dkey = keys::device(device)?;
         self.job(Durability::Written, move |w| {
             if let Some(mut state) = read_device(w, &dkey)? {
-                state.connected = false;
-                state.disconnected_at = now;
+                state.disconnect(now);
                 let mut batch = Changes::default();
                 batch.insert(dkey, encode(&state));
                 w.apply(batch);
@@ -1266,8 +1266,7 @@ impl Store for SledStore {
                 let mut state: DeviceState =
                     serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
                 if state.connected {
-                    state.connected = false;
-                    state.disconnected_at = now;
+                    state.disconnect(now);
                     batch.insert(k, encode(&state));
                     count += 1;
                 }
@@ -1350,9 +1349,9 @@ impl Store for SledStore {
                 counts.bytes += entry.len() as u64;
                 // The oldest go while the queue is over a cap (never the new message itself).
                 let mut oldest = Vec::new();
-                if counts.len > limits.max_len || counts.bytes > limits.max_bytes {
+                if limits.exceeded(counts.len, counts.bytes) {
                     for old in w.scan(prefix) {
-                        if counts.len <= 1 || (counts.len <= limits.max_len && counts.bytes <= limits.max_bytes) {
+                        if !limits.exceeded(counts.len, counts.bytes) {
                             break;
                         }
                         let (old_key, old_value) = old?;
@@ -1418,14 +1417,7 @@ impl Store for SledStore {
 
     async fn resync_sent(&self, device: &DeviceKey, seq: MessageId) -> Result<(), StoreError> {
         let device = device.clone();
-        self.job(Durability::Written, move |w| {
-            w.update_device(&device, |state| {
-                if state.resync_at == Some(seq) {
-                    state.resync_at = None;
-                }
-            })
-        })
-        .await
+        self.job(Durability::Written, move |w| w.update_device(&device, |state| state.resync_delivered(seq))).await
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {

@@ -1,7 +1,7 @@
 //! The store's write-ahead log: what makes a change durable without flushing sled.
 //!
 //! sled 0.34 makes a change durable with `flush()`, which hands the write to its I/O thread
-//! pool and waits on `sync_file_range` (still not a real sync: see `Sync` in `sled.rs`). Doing
+//! pool and waits on `sync_file_range` (still not a real sync: see `Sync` in `mod.rs`). Doing
 //! that for every group-commit round cost more CPU than everything else a message needs. So the
 //! jobs of a round are logged here instead, as physical operations (put this key, remove that
 //! key), and the round is durable once its record is written and `fdatasync`ed: one write and one

@@ -13,8 +13,8 @@ use std::iter::Peekable;
 
 use sled::{IVec, Tree};
 
-use super::sled::io;
-use super::StoreError;
+use super::io;
+use crate::store::StoreError;
 
 /// One change of a key.
 #[derive(Clone, Debug, PartialEq, Eq)]

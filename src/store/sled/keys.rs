@@ -21,7 +21,7 @@
 //! | `n`  | id (u64 BE)                    | queue entries referring to `b` of that id (u64 BE) |
 //! | `i`  | (none)                         | message ids reserved: every id below it may be in use (u64 BE) |
 
-use super::{DeviceKey, MessageId, Millis, StoreError};
+use crate::store::{DeviceKey, MessageId, Millis, StoreError};
 
 pub(super) const DEVICE: u8 = b'd';
 pub(super) const USER: u8 = b'u';
