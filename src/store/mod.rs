@@ -304,7 +304,8 @@ pub trait Store: Send + Sync + 'static {
     /// Appends `entry` to the queue of every live device of every user in `users`, forgetting
     /// expired devices on the way. With `idempotency`, a key seen before (and not expired)
     /// makes this a no-op that says so; a new key is stored with the message, atomically.
-    /// Returns once durable.
+    /// Returns once durable. `users` names each user room once (the caller removes repeats): a
+    /// repeat would queue the message twice on the same devices.
     async fn enqueue(
         &self,
         site: &str,

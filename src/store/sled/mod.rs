@@ -455,8 +455,14 @@ impl SledStore {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |w: &mut Writer| -> Reply {
             let result = f(w);
-            if result.is_err() {
-                w.forget_caches(); // the job may have counted changes it never applied
+            // The job may have counted changes it never applied; a refusal checked before any
+            // change has not, and must not cost every later job a cold cache (a client could
+            // repeat it at will).
+            if result
+                .as_ref()
+                .is_err_and(|e| !matches!(e, StoreError::TooManyDevices { .. } | StoreError::DiskFull { .. }))
+            {
+                w.forget_caches();
             }
             debug_assert!(w.released.is_empty(), "a job removed queue entries it never settled");
             Box::new(move |flushed: Result<(), RoundError>| {
