@@ -16,6 +16,7 @@
 //! | `r`  | site, lowercased room, user    | empty: shared-room index   |
 //! | `k`  | site, idempotency key          | fingerprint, expires-at ms (2 x u64 BE) |
 //! | `x`  | expires-at ms (u64 BE), then the whole `k` key | empty: the `k` records by expiry, for the sweep |
+//! | `t`  | disconnected-at ms (u64 BE), then the whole `d` key | empty: the disconnected devices by time, for the sweep |
 //! | `q`  | site, user room, device, id    | queued-at ms (u64 BE), entry bytes (u64 BE), `1` if the entry follows (else `0`), event length (u16 BE), event, then the entry `[event, ...args]` if it follows |
 //! | `b`  | id (u64 BE)                    | the entry of a message queued for several devices |
 //! | `n`  | id (u64 BE)                    | queue entries referring to `b` of that id (u64 BE) |
@@ -29,6 +30,7 @@ pub(super) const ROOM: u8 = b'r';
 pub(super) const QUEUE: u8 = b'q';
 pub(super) const IDEMPOTENCY: u8 = b'k';
 pub(super) const IDEMPOTENCY_EXPIRY: u8 = b'x';
+pub(super) const DISCONNECTED: u8 = b't';
 pub(super) const BODY: u8 = b'b';
 pub(super) const REFS: u8 = b'n';
 /// The one key holding how far message ids are reserved.
@@ -164,11 +166,20 @@ pub(super) fn idempotency_value(fingerprint: u64, expires_at: Millis) -> Vec<u8>
 
 /// The key of an idempotency record's entry in the index by expiry.
 pub(super) fn idempotency_expiry(expires_at: Millis, record: &[u8]) -> Vec<u8> {
-    [&[IDEMPOTENCY_EXPIRY][..], &expires_at.to_be_bytes(), record].concat()
+    by_time(IDEMPOTENCY_EXPIRY, expires_at, record)
 }
 
-/// The expiry and the record key of an entry of the index by expiry.
-pub(super) fn split_idempotency_expiry(key: &[u8]) -> Option<(Millis, &[u8])> {
+/// The key of a disconnected device's entry in the index by disconnect time.
+pub(super) fn disconnected(at: Millis, device: &[u8]) -> Vec<u8> {
+    by_time(DISCONNECTED, at, device)
+}
+
+fn by_time(kind: u8, at: Millis, record: &[u8]) -> Vec<u8> {
+    [&[kind][..], &at.to_be_bytes(), record].concat()
+}
+
+/// The time and the record key of an entry of an index by time (`x`, `t`).
+pub(super) fn split_by_time(key: &[u8]) -> Option<(Millis, &[u8])> {
     let at: [u8; 8] = key.get(1..9)?.try_into().ok()?;
     Some((Millis::from_be_bytes(at), &key[9..]))
 }
@@ -300,7 +311,10 @@ mod tests {
         let record = idempotency("s", "key-1").unwrap();
         let (early, late) = (idempotency_expiry(255, &record), idempotency_expiry(256, &record));
         assert!(early < late);
-        assert_eq!(split_idempotency_expiry(&late), Some((256, record.as_slice())));
+        assert_eq!(split_by_time(&late), Some((256, record.as_slice())));
+        let device = device(&DeviceKey::new("s", "u", "d")).unwrap();
+        assert!(disconnected(1, &device) < disconnected(2, &device));
+        assert_eq!(split_by_time(&disconnected(7, &device)), Some((7, device.as_slice())));
         assert_eq!(first_part(&record), Some("s"));
     }
 

@@ -700,57 +700,82 @@ impl Writer {
         let _ = self.failure.set(reason);
     }
 
-    /// Applies one job's atomic set of changes to the current round.
+    /// Applies one job's atomic set of changes to the current round, with what follows from
+    /// them: the index of disconnected devices by time (logged with them, so a crash keeps both or
+    /// neither) and the totals.
     fn apply(&mut self, changes: Changes) {
-        self.wal.log(&changes);
         for (key, op) in changes.0 {
             match (key.first(), keys::two_part_prefix(&key)) {
                 (Some(&keys::DEVICE), Some(owner)) => drop(self.devices.remove(owner)),
                 (Some(&keys::ROOM), Some(room)) => self.members.forget(room),
                 _ => {}
             }
-            if self.totals.is_some() {
-                self.count(&key, &op);
+            match key.first() {
+                Some(&keys::DEVICE) => self.follow_device(&key, &op),
+                Some(&keys::QUEUE) if self.totals.is_some() => self.count_entry(&key, &op),
+                _ => {}
             }
-            self.round.apply_one(key, op);
+            self.apply_one(key, op);
         }
     }
 
-    /// Keeps the totals true through one change, read against the value it replaces.
-    fn count(&mut self, key: &[u8], op: &Op) {
-        let kind = key.first().copied();
-        if kind != Some(keys::DEVICE) && kind != Some(keys::QUEUE) {
-            return;
-        }
+    fn apply_one(&mut self, key: Vec<u8>, op: Op) {
+        self.wal.log_one(&key, &op);
+        self.round.apply_one(key, op);
+    }
+
+    /// What a change of a device record changes besides: its entry in the index of disconnected
+    /// devices by time, and the totals. Read against the value it replaces; a value that cannot
+    /// be read (a failing disk) leaves the index to the sweep, which drops entries that no longer
+    /// match, and the totals to a recount.
+    fn follow_device(&mut self, key: &[u8], op: &Op) {
+        let state = |v: &[u8]| serde_json::from_slice::<DeviceState>(v).ok();
         let new = match op {
-            Op::Put(value) | Op::PutNew(value) => Some(value.as_slice()),
+            Op::Put(value) | Op::PutNew(value) => state(value),
+            Op::Remove => None,
+        };
+        let old = match self.get(key) {
+            Ok(old) => old.and_then(|v| state(&v)),
+            Err(_) => {
+                self.totals = None;
+                return;
+            }
+        };
+        let since = |s: &Option<DeviceState>| s.as_ref().filter(|s| !s.connected).map(|s| s.disconnected_at);
+        let (was, is) = (since(&old), since(&new));
+        if was != is {
+            if let Some(at) = was {
+                self.apply_one(keys::disconnected(at, key), Op::Remove);
+            }
+            if let Some(at) = is {
+                self.apply_one(keys::disconnected(at, key), Op::Put(Vec::new()));
+            }
+        }
+        let (Some(site), Some(totals)) = (keys::first_part(key), self.totals.as_mut()) else { return };
+        let site_totals = site_totals(totals, site);
+        let connected = |s: &Option<DeviceState>| u64::from(s.as_ref().is_some_and(|s| s.connected));
+        delta(&mut site_totals.devices, u64::from(old.is_some()), u64::from(new.is_some()));
+        delta(&mut site_totals.connected, connected(&old), connected(&new));
+    }
+
+    /// Keeps the totals true through one change of a queue entry.
+    fn count_entry(&mut self, key: &[u8], op: &Op) {
+        let size = |v: &[u8]| keys::split_queued_value(v).map(|q| q.size);
+        let new = match op {
+            Op::Put(value) | Op::PutNew(value) => size(value),
             Op::Remove => None,
         };
         let old = match op {
             Op::PutNew(_) => None, // a new key: nothing to read
             _ => match self.get(key) {
-                Ok(old) => old,
+                Ok(old) => old.and_then(|v| size(&v)),
                 Err(_) => return self.totals = None, // counted again when next asked for
             },
         };
         let (Some(site), Some(totals)) = (keys::first_part(key), self.totals.as_mut()) else { return };
-        let site_totals = match totals.get_mut(site) {
-            Some(known) => known,
-            None => totals.entry(site.to_owned()).or_default(),
-        };
-        let delta = |total: &mut u64, old: u64, new: u64| *total = (*total + new).saturating_sub(old);
-        if kind == Some(keys::DEVICE) {
-            let connected = |v: Option<&[u8]>| {
-                v.and_then(|v| serde_json::from_slice::<DeviceState>(v).ok()).is_some_and(|s| s.connected)
-            };
-            delta(&mut site_totals.devices, u64::from(old.is_some()), u64::from(new.is_some()));
-            delta(&mut site_totals.connected, u64::from(connected(old.as_deref())), u64::from(connected(new)));
-        } else {
-            let size = |v: Option<&[u8]>| v.and_then(keys::split_queued_value).map(|q| q.size);
-            let (old, new) = (size(old.as_deref()), size(new));
-            delta(&mut site_totals.queued_messages, u64::from(old.is_some()), u64::from(new.is_some()));
-            delta(&mut site_totals.queued_bytes, old.unwrap_or(0), new.unwrap_or(0));
-        }
+        let site_totals = site_totals(totals, site);
+        delta(&mut site_totals.queued_messages, u64::from(old.is_some()), u64::from(new.is_some()));
+        delta(&mut site_totals.queued_bytes, old.unwrap_or(0), new.unwrap_or(0));
     }
 
     /// The totals, counted from the tree: every device and every queue entry.
@@ -1132,6 +1157,19 @@ fn recv_within(rx: &mut mpsc::Receiver<Job>, wait: std::time::Duration) -> Next 
     }
 }
 
+/// A site's entry of the totals.
+fn site_totals<'a>(totals: &'a mut BTreeMap<String, SiteStats>, site: &str) -> &'a mut SiteStats {
+    if !totals.contains_key(site) {
+        totals.insert(site.to_owned(), SiteStats::default());
+    }
+    totals.get_mut(site).expect("inserted above")
+}
+
+/// Moves a total from what a change replaced to what it wrote.
+fn delta(total: &mut u64, old: u64, new: u64) {
+    *total = (*total + new).saturating_sub(old);
+}
+
 fn encode(state: &DeviceState) -> Vec<u8> {
     serde_json::to_vec(state).expect("DeviceState serializes")
 }
@@ -1172,7 +1210,8 @@ fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreErr
 }
 
 /// Rewrites the queue entries of a schema 1 data dir in today's layout, each keeping its message
-/// (schema 1 kept a copy in every entry), and indexes its idempotency records by expiry. Runs
+/// (schema 1 kept a copy in every entry), and indexes its idempotency records by expiry and its
+/// disconnected devices by time. Runs
 /// again after a crash part way: entries already rewritten are told apart and left, index
 /// entries are written again. Returns how many queue entries it rewrote.
 fn upgrade_from_v1(tree: &Tree) -> Result<u64, StoreError> {
@@ -1192,6 +1231,13 @@ fn upgrade_from_v1(tree: &Tree) -> Result<u64, StoreError> {
     }
     tree.apply_batch(batch).map_err(io)?;
     let mut index = sled::Batch::default();
+    for item in tree.scan_prefix([keys::DEVICE]) {
+        let (k, v) = item.map_err(io)?;
+        let state: DeviceState = serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt { key: keys::show(&k) })?;
+        if !state.connected {
+            index.insert(keys::disconnected(state.disconnected_at, &k), &[]);
+        }
+    }
     for item in tree.scan_prefix([keys::IDEMPOTENCY]) {
         let (k, v) = item.map_err(io)?;
         let (_, expires_at) =
@@ -1428,15 +1474,26 @@ impl Store for SledStore {
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
         self.job(Durability::Written, move |w| {
+            // Disconnected devices by time, up to the first that has not expired: the sweep reads
+            // what expires, not the registry. An entry that no longer matches its device (left by
+            // a read that failed while it was kept) goes.
             let mut expired = Vec::new();
-            for item in w.scan(&[keys::DEVICE]) {
-                let (k, v) = item?;
-                let corrupt = || StoreError::Corrupt { key: keys::show(&k) };
-                let state: DeviceState = serde_json::from_slice(&v).map_err(|_| corrupt())?;
-                if expiry.is_expired(&state) {
-                    expired.push(keys::parse_device(&k).ok_or_else(corrupt)?);
+            let mut stale = Changes::default();
+            for item in w.scan(&[keys::DISCONNECTED]) {
+                let (t, _) = item?;
+                let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
+                let (at, dkey) = keys::split_by_time(&t).ok_or_else(|| corrupt(&t))?;
+                if expiry.ttl_ms == 0 || expiry.now.saturating_sub(at) <= expiry.ttl_ms {
+                    break;
+                }
+                match read_device(w, dkey)? {
+                    Some(state) if !state.connected && state.disconnected_at == at => {
+                        expired.push(keys::parse_device(dkey).ok_or_else(|| corrupt(dkey))?);
+                    }
+                    _ => stale.remove(&t),
                 }
             }
+            w.apply(stale);
             // One batch per device, so the check for a user's last device sees earlier removals.
             for dev in &expired {
                 let mut batch = Changes::default();
@@ -1455,7 +1512,7 @@ impl Store for SledStore {
             for item in w.scan(&[keys::IDEMPOTENCY_EXPIRY]) {
                 let (x, _) = item?;
                 let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
-                let (expires_at, record) = keys::split_idempotency_expiry(&x).ok_or_else(|| corrupt(&x))?;
+                let (expires_at, record) = keys::split_by_time(&x).ok_or_else(|| corrupt(&x))?;
                 if expires_at > expiry.now {
                     break;
                 }
@@ -1606,6 +1663,17 @@ impl Writer {
             if self.get(&keys::idempotency_expiry(expires_at, &k)).map_err(|e| e.to_string())?.is_none() {
                 return Err(format!("idempotency record {} is not indexed by its expiry", keys::show(&k)));
             }
+        }
+        let mut disconnected = BTreeSet::new();
+        for (k, v) in all(self, keys::DEVICE)? {
+            let state: DeviceState = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
+            if !state.connected {
+                disconnected.insert(keys::disconnected(state.disconnected_at, &k));
+            }
+        }
+        let index: BTreeSet<Vec<u8>> = all(self, keys::DISCONNECTED)?.into_iter().map(|(k, _)| k.to_vec()).collect();
+        if index != disconnected {
+            return Err(format!("{} devices disconnected, {} in the index by time", disconnected.len(), index.len()));
         }
         let indexed: usize = self.events.queues.values().flat_map(|e| e.values()).map(BTreeSet::len).sum();
         if indexed != self.events.total {

@@ -41,7 +41,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::round::{Changes, Op};
+use super::round::Op;
 
 /// The log files' names, inside the data directory (beside sled's files).
 pub const FILE_NAMES: [&str; 2] = ["sio-push.wal", "sio-push.wal.2"];
@@ -120,18 +120,24 @@ impl Wal {
     }
 
     /// Adds a job's changes to the current round.
-    pub fn log(&mut self, changes: &Changes) {
+    #[cfg(test)]
+    pub fn log(&mut self, changes: &super::round::Changes) {
         for (key, op) in &changes.0 {
-            match op {
-                Op::Put(value) | Op::PutNew(value) => {
-                    self.round.push(1);
-                    put_bytes(&mut self.round, key);
-                    put_bytes(&mut self.round, value);
-                }
-                Op::Remove => {
-                    self.round.push(0);
-                    put_bytes(&mut self.round, key);
-                }
+            self.log_one(key, op);
+        }
+    }
+
+    /// Adds one change to the round being logged.
+    pub fn log_one(&mut self, key: &[u8], op: &Op) {
+        match op {
+            Op::Put(value) | Op::PutNew(value) => {
+                self.round.push(1);
+                put_bytes(&mut self.round, key);
+                put_bytes(&mut self.round, value);
+            }
+            Op::Remove => {
+                self.round.push(0);
+                put_bytes(&mut self.round, key);
             }
         }
     }
@@ -419,6 +425,7 @@ pub fn records(dir: &Path) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::super::round::Changes;
     use super::*;
 
     fn round(ops: &[(&str, Option<&str>)]) -> Changes {
