@@ -56,13 +56,14 @@ impl Delivery {
         // A client whose device did not fit is disconnected before `_settings`: it must not
         // believe it will get what is sent while it is away.
         if refused {
-            let _ = socket.clone().disconnect();
-            registered.clear();
-        } else {
-            let ttl = self.settings.device_ttl.as_secs();
-            if let Err(e) = socket.emit("_settings", &serde_json::json!({ "device_ttl": ttl })) {
-                tracing::debug!(site = %site.name, error.message = %e, "_settings not sent");
-            }
+            socket.extensions.insert(Refused);
+            // Its disconnect handler takes the devices registered above off again.
+            let _ = socket.disconnect();
+            return;
+        }
+        let ttl = self.settings.device_ttl.as_secs();
+        if let Err(e) = socket.emit("_settings", &serde_json::json!({ "device_ttl": ttl })) {
+            tracing::debug!(site = %site.name, error.message = %e, "_settings not sent");
         }
         for (dev, connected) in registered {
             tracing::info!(site = %site.name, room = %dev.user, device = %dev.device, sid = %socket.id, queued = connected.pending.len(), "device connected");
@@ -127,6 +128,7 @@ impl Delivery {
         if !site.reliable() {
             return;
         }
+        let refused = socket.extensions.get::<Refused>().is_some();
         for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
             let dev = DeviceKey::new(&site.name, user, &client.device);
             let order = self.sockets.order(&dev).await;
@@ -143,12 +145,18 @@ impl Delivery {
                 Removed::Unknown => {}
             }
             drop(order);
-            if site.public_channel.as_deref() != Some(user.as_str()) {
+            // Not for a socket refused at its connect: its connect was not reported either.
+            if !refused && site.public_channel.as_deref() != Some(user.as_str()) {
                 self.callbacks.presence(site, user, &client.token, Presence::Disconnected);
             }
         }
     }
 }
+
+/// Marks a socket disconnected at its connect because a device of it did not fit under
+/// `max_devices_per_user`: no presence PUT was sent for its connect, so none is for its disconnect.
+#[derive(Clone)]
+struct Refused;
 
 /// A device's queue as the `_batch` argument, `[[event, ...args], ...]`; `None` if empty or
 /// unreadable (logged).
