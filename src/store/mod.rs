@@ -283,7 +283,7 @@ pub trait Store: Send + Sync + 'static {
     /// `rooms`, and returns the device's queue with the split between it and live delivery.
     /// Takes (clears) an owed `_resync`. With `max_devices`, a device new to its user room that
     /// would pass the cap makes room by forgetting the room's devices that disconnected first
-    /// (see [`devices_to_forget`]); if they are all connected it is refused
+    /// (the rule is in `rules.rs`); if they are all connected it is refused
     /// (`StoreError::TooManyDevices`) and nothing changes.
     async fn connect(
         &self,
