@@ -526,6 +526,49 @@ async fn concurrent_changes_keep_order_and_counts_true(store: impl Store) {
     assert_eq!(pending.iter().map(|q| q.id).collect::<Vec<_>>(), expected, "send order, without the acked");
 }
 
+/// New devices racing for the last places under the device cap, with disconnects between them,
+/// round after round: the room never holds more than the cap, a refused device is not
+/// registered, every accepted one is registered unless a later one forgot it, and a message
+/// reaches exactly the registered ones.
+async fn racing_connects_never_pass_the_device_cap(store: impl Store) {
+    const CAP: u64 = 5;
+    for round in 0..100u64 {
+        let user = format!("user_{round}");
+        let connects = (0..12).map(|i| {
+            let (store, d) = (&store, dev(&user, &format!("d{i}")));
+            let rooms = rooms(&[&user]);
+            async move {
+                let got = store.connect(&d, &rooms, Some(CAP)).await;
+                if i % 3 == 0 && got.is_ok() {
+                    store.disconnect(&d, round * 100 + i).await.unwrap();
+                }
+                got
+            }
+        });
+        let results = futures_util::future::join_all(connects).await;
+        let registered = store.user_devices("site", &user).await.unwrap();
+        assert!(registered.len() as u64 <= CAP, "round {round}: {} devices", registered.len());
+        for (i, got) in results.iter().enumerate() {
+            match got {
+                Ok(_) => {}
+                Err(StoreError::TooManyDevices { max: CAP }) => {
+                    assert!(!registered.iter().any(|d| d.device == format!("d{i}")), "round {round}: d{i}");
+                }
+                Err(e) => panic!("round {round}: d{i}: {e}"),
+            }
+        }
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        let forgotten: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|c| c.forgotten.len()).sum();
+        assert_eq!(
+            accepted - forgotten,
+            registered.len(),
+            "round {round}: every accepted device is registered or was forgotten"
+        );
+        let out = send(&store, &[&user], "[1]", round * 100 + 50).await;
+        assert_eq!(out.devices.len(), registered.len(), "round {round}");
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -578,6 +621,7 @@ conformance!(
     queued_messages_carry_their_queue_time,
     a_repeated_idempotency_key_stores_nothing_new_until_it_expires,
     concurrent_changes_keep_order_and_counts_true,
+    racing_connects_never_pass_the_device_cap,
 );
 
 /// A copy of the data dir taken while the store runs is what `kill -9` would leave: what was
