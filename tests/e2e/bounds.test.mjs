@@ -116,6 +116,34 @@ for (const version of VERSIONS) {
   });
 }
 
+test("many new devices of one user at once, both generations, 10 rounds: exactly max_devices_per_user of them are registered", async () => {
+  const capped = await startServer(oldEnv(website, { SIO_PUSH_SERVER__MAX_DEVICES_PER_USER: "4" }));
+  try {
+    for (let round = 0; round < 10; round++) {
+      const user = `user_race_${round}`;
+      website.tokens.set(`t-race-${round}`, [user]);
+      // Each either gets `_settings` (registered) or is disconnected by the server before it.
+      const clients = Array.from({ length: 12 }, (_, i) => {
+        const c = client(VERSIONS[i % 2], capped, { token: `t-race-${round}`, deviceId: `r${i}` });
+        c.outcome = new Promise((resolve) => {
+          c.listeners.push((args) => args[0] === "_settings" && resolve("registered"));
+          c.socket.on("disconnect", () => resolve("refused"));
+        });
+        return c;
+      });
+      const outcomes = await within(Promise.all(clients.map((c) => c.outcome)), `round ${round}`);
+      assert.equal(outcomes.filter((o) => o === "registered").length, 4, `round ${round}: ${outcomes}`);
+      // A message to the user reaches exactly those four.
+      assert.equal((await send(capped, { body: { rooms: [user], event: "m", args: [round] } })).status, 200);
+      const registered = clients.filter((_, i) => outcomes[i] === "registered");
+      await Promise.all(registered.map((c) => c.waitFor("m")));
+      clients.forEach((c) => c.close());
+    }
+  } finally {
+    await capped.cleanup();
+  }
+});
+
 test("a message for many devices is stored once: 400 KB to 100 devices writes far less than 100 copies, and each device gets it whole", async () => {
   const devices = Array.from({ length: 100 }, (_, i) => ({ token: `t-crowd-${i}`, deviceId: "phone" }));
   devices.forEach((d, i) => website.tokens.set(d.token, [`user_crowd_${i}`, "crowd"]));
