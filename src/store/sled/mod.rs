@@ -1757,6 +1757,44 @@ mod tests {
         assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
     }
 
+    /// Shared messages sent, acked, overflowed and cleared by many tasks at once, so that rounds
+    /// of the writer mix them: the references still match the queues, round after round.
+    #[tokio::test]
+    async fn messages_kept_once_stay_counted_under_concurrent_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open_with(dir.path(), 1 << 20, 0, Duration::from_millis(2)).unwrap();
+        store.stats().await.unwrap();
+        let devs: Vec<DeviceKey> = (0..20).map(|i| DeviceKey::new("site", &format!("user_{i}"), "d")).collect();
+        for d in &devs {
+            store.connect(d, &[d.user.to_string()], None).await.unwrap();
+        }
+        let users: Vec<String> = devs.iter().map(|d| d.user.to_string()).collect();
+        let now = Expiry { now: 0, ttl_ms: 0 };
+        for round in 0..20 {
+            let limits = QueueLimits { max_len: 8, max_bytes: 1 << 20 };
+            let sends = (0..30).map(|i| {
+                let (store, users) = (&store, users[..(i % 20) + 1].to_vec());
+                async move {
+                    store.enqueue("site", users, format!("[{round},{i}]").into(), now, limits, None).await.unwrap()
+                }
+            });
+            let acks = devs.iter().enumerate().map(|(i, d)| {
+                let store = &store;
+                async move {
+                    let ids: Vec<MessageId> = store.pending(d).await.unwrap().iter().map(|q| q.id).step_by(2).collect();
+                    store.acks(vec![Ack::Batch { device: d.clone(), ids }]).await.unwrap();
+                    if i % 7 == round % 7 {
+                        store.clear_queue(d).await.unwrap();
+                    }
+                }
+            });
+            let (_, _) =
+                futures_util::future::join(futures_util::future::join_all(sends), futures_util::future::join_all(acks))
+                    .await;
+            store.audit().await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+
     /// A deterministic stream of pseudo-random numbers (a test needs no better).
     struct Dice(u64);
 
