@@ -50,6 +50,8 @@ const MAX_CACHED_MEMBERS: usize = 1_000_000;
 /// Most queued message ids the writer keeps indexed by event, over all queues; past it, it
 /// starts over.
 const MAX_INDEXED_EVENTS: usize = 1_000_000;
+/// Most expired devices, and most expired idempotency keys, one job of a sweep forgets.
+const SWEEP_STEP: usize = 5_000;
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -967,6 +969,64 @@ impl Writer {
         Ok(self.events.queues.get(prefix).and_then(|queue| queue.get(event)).unwrap_or(&NONE))
     }
 
+    /// Forgets up to `step` expired devices (with their queues, and their users once the last
+    /// device is gone) and up to `step` expired idempotency keys; `true` if more may be left.
+    fn sweep_some(&mut self, expiry: Expiry, step: usize) -> Result<(Vec<DeviceKey>, bool), StoreError> {
+        let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
+        // Disconnected devices by time, up to the first that has not expired: the sweep reads what
+        // expires, not the registry. An entry that no longer matches its device (left by a read
+        // that failed while it was kept) goes.
+        let (mut expired, mut seen) = (Vec::new(), 0);
+        let mut stale = Changes::default();
+        for item in self.scan(&[keys::DISCONNECTED]).take(step) {
+            let (t, _) = item?;
+            let (at, dkey) = keys::split_by_time(&t).ok_or_else(|| corrupt(&t))?;
+            if expiry.ttl_ms == 0 || expiry.now.saturating_sub(at) <= expiry.ttl_ms {
+                break;
+            }
+            seen += 1;
+            match read_device(self, dkey)? {
+                Some(state) if !state.connected && state.disconnected_at == at => {
+                    expired.push(keys::parse_device(dkey).ok_or_else(|| corrupt(dkey))?);
+                }
+                _ => stale.remove(&t),
+            }
+        }
+        self.apply(stale);
+        // One batch per device, so the check for a user's last device sees earlier removals.
+        for dev in &expired {
+            let mut batch = Changes::default();
+            self.forget_device(dev, &mut batch)?;
+            self.settle(&mut batch)?;
+            self.apply(batch);
+            if self.scan(&keys::devices_of(&dev.site, &dev.user)?).next().is_none() {
+                let mut batch = Changes::default();
+                self.forget_user(&dev.site, &dev.user, &mut batch)?;
+                self.apply(batch);
+            }
+        }
+        // Idempotency keys by expiry, up to the first that has not expired. A key used again after
+        // it expired has a newer entry; its record goes with that one, not this one.
+        let (mut batch, mut keys_seen) = (Changes::default(), 0);
+        for item in self.scan(&[keys::IDEMPOTENCY_EXPIRY]).take(step) {
+            let (x, _) = item?;
+            let (expires_at, record) = keys::split_by_time(&x).ok_or_else(|| corrupt(&x))?;
+            if expires_at > expiry.now {
+                break;
+            }
+            keys_seen += 1;
+            if let Some(v) = self.get(record)? {
+                let (_, current) = keys::split_idempotency_value(&v).ok_or_else(|| corrupt(record))?;
+                if current == expires_at {
+                    batch.remove(record);
+                }
+            }
+            batch.remove(x);
+        }
+        self.apply(batch);
+        Ok((expired, seen == step || keys_seen == step))
+    }
+
     /// Adds to `batch` the removal of a user's room list and index entries.
     fn forget_user(&self, site: &str, user: &str, batch: &mut Changes) -> Result<(), StoreError> {
         let ukey = keys::user(site, user)?;
@@ -1473,61 +1533,16 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self, expiry: Expiry) -> Result<Vec<DeviceKey>, StoreError> {
-        self.job(Durability::Written, move |w| {
-            // Disconnected devices by time, up to the first that has not expired: the sweep reads
-            // what expires, not the registry. An entry that no longer matches its device (left by
-            // a read that failed while it was kept) goes.
-            let mut expired = Vec::new();
-            let mut stale = Changes::default();
-            for item in w.scan(&[keys::DISCONNECTED]) {
-                let (t, _) = item?;
-                let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
-                let (at, dkey) = keys::split_by_time(&t).ok_or_else(|| corrupt(&t))?;
-                if expiry.ttl_ms == 0 || expiry.now.saturating_sub(at) <= expiry.ttl_ms {
-                    break;
-                }
-                match read_device(w, dkey)? {
-                    Some(state) if !state.connected && state.disconnected_at == at => {
-                        expired.push(keys::parse_device(dkey).ok_or_else(|| corrupt(dkey))?);
-                    }
-                    _ => stale.remove(&t),
-                }
+        // In jobs of at most `SWEEP_STEP` devices and as many keys, so that a sweep with much to
+        // forget does not hold up the sends and acks behind it.
+        let mut expired = Vec::new();
+        loop {
+            let (some, more) = self.job(Durability::Written, move |w| w.sweep_some(expiry, SWEEP_STEP)).await?;
+            expired.extend(some);
+            if !more {
+                return Ok(expired);
             }
-            w.apply(stale);
-            // One batch per device, so the check for a user's last device sees earlier removals.
-            for dev in &expired {
-                let mut batch = Changes::default();
-                w.forget_device(dev, &mut batch)?;
-                w.settle(&mut batch)?;
-                w.apply(batch);
-                if w.scan(&keys::devices_of(&dev.site, &dev.user)?).next().is_none() {
-                    let mut batch = Changes::default();
-                    w.forget_user(&dev.site, &dev.user, &mut batch)?;
-                    w.apply(batch);
-                }
-            }
-            // Idempotency keys by expiry, up to the first that has not expired. A key used again
-            // after it expired has a newer entry; its record goes with that one, not this one.
-            let mut batch = Changes::default();
-            for item in w.scan(&[keys::IDEMPOTENCY_EXPIRY]) {
-                let (x, _) = item?;
-                let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
-                let (expires_at, record) = keys::split_by_time(&x).ok_or_else(|| corrupt(&x))?;
-                if expires_at > expiry.now {
-                    break;
-                }
-                if let Some(v) = w.get(record)? {
-                    let (_, current) = keys::split_idempotency_value(&v).ok_or_else(|| corrupt(record))?;
-                    if current == expires_at {
-                        batch.remove(record);
-                    }
-                }
-                batch.remove(x);
-            }
-            w.apply(batch);
-            Ok(expired)
-        })
-        .await
+        }
     }
 
     async fn device(&self, device: &DeviceKey) -> Result<Option<DeviceState>, StoreError> {
@@ -1793,6 +1808,40 @@ mod tests {
                     .await;
             store.audit().await.unwrap_or_else(|e| panic!("round {round}: {e}"));
         }
+    }
+
+    /// A sweep with more to forget than one job takes goes on in further jobs until all is done.
+    #[tokio::test]
+    async fn a_large_sweep_goes_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+        store.stats().await.unwrap();
+        for i in 0..10 {
+            let d = DeviceKey::new("site", &format!("user_{i}"), "d");
+            store.connect(&d, &[d.user.to_string()], None).await.unwrap();
+            store.disconnect(&d, i).await.unwrap();
+            let idem = Idempotency { key: format!("k{i}"), fingerprint: 1, expires_at: 50 + i };
+            let users = vec![d.user.to_string()];
+            store
+                .enqueue("site", users, "[1]".into(), Expiry { now: 0, ttl_ms: 0 }, QueueLimits::default(), Some(idem))
+                .await
+                .unwrap();
+        }
+        let expiry = Expiry { now: 1_000, ttl_ms: 100 };
+        let step = move |w: &mut Writer| w.sweep_some(expiry, 4).map(|(expired, more)| (expired.len(), more));
+        assert_eq!(store.job(Durability::Written, step).await.unwrap(), (4, true));
+        assert_eq!(store.job(Durability::Written, step).await.unwrap(), (4, true));
+        assert_eq!(store.job(Durability::Written, step).await.unwrap(), (2, false));
+        store.audit().await.unwrap();
+        assert_eq!(store.stats().await.unwrap().get("site").map(|s| s.devices), Some(0));
+        // Through the trait, all at once.
+        for i in 0..7 {
+            let d = DeviceKey::new("site", &format!("user_{i}"), "e");
+            store.connect(&d, &[d.user.to_string()], None).await.unwrap();
+            store.disconnect(&d, i).await.unwrap();
+        }
+        assert_eq!(store.sweep(expiry).await.unwrap().len(), 7);
+        store.audit().await.unwrap();
     }
 
     /// A deterministic stream of pseudo-random numbers (a test needs no better).
