@@ -70,7 +70,27 @@ pub async fn run(devices: usize, per_device: usize) -> anyhow::Result<serde_json
         later_stats.push(timed("stats").await?);
     }
     let sweep = timed("sweep").await?;
-    let sweep_expiring_keys = timed("expire").await?;
+    // While the keys expire, another job at a time (as a send or an ack would be): the longest it
+    // waited is the pause the sweep causes.
+    let (sweep_expiring_keys, longest_wait) = {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let probe = async {
+            let mut longest = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                store.device(&keys[0]).await?;
+                longest = longest.max(started.elapsed());
+            }
+            anyhow::Ok(longest)
+        };
+        let sweep = async {
+            let took = timed("expire").await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            took
+        };
+        let (took, longest) = futures_util::future::join(sweep, probe).await;
+        (took?, time(longest?))
+    };
     let sweep_after = timed("expire").await?;
     store.close().await;
     let figures = json!({
@@ -82,6 +102,7 @@ pub async fn run(devices: usize, per_device: usize) -> anyhow::Result<serde_json
         "ms_stats_after": later_stats,
         "ms_sweep_nothing_expired": sweep,
         "ms_sweep_every_key_expired": sweep_expiring_keys,
+        "ms_longest_wait_of_another_job_meanwhile": longest_wait,
         "ms_sweep_after_that": sweep_after,
     });
     Ok(figures.as_object().cloned().expect("an object"))
