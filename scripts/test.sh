@@ -19,6 +19,10 @@ command -v pgrep >/dev/null 2>&1 || missing+=(procps)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # The failed-fsync test builds a small LD_PRELOAD library (tests/e2e/fixtures/failsync.c).
 command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+# The Redis store is tested against real servers, a cluster of them too, behind a real HAProxy.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (Debian packages)"
   apt-get update -qq
@@ -37,6 +41,9 @@ echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
   npm ci --no-audit --no-fund --loglevel=error
   logs=$(mktemp -d)
   SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+  echo "== the protocol cases again on two nodes sharing Redis (client on one, /send on the other)"
+  SIO_PUSH_E2E_CLUSTER=1 SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" \
+    npm test -- protocol.test.mjs order.test.mjs send.test.mjs limits.test.mjs
   echo "== no token or API key in the logs of the whole run"
   node scan-logs.mjs "$logs"
   rm -rf "$logs"

@@ -23,14 +23,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::History;
 use crate::callbacks::Callbacks;
-use crate::config::{Config, Sources};
+use crate::config::{Config, Sources, StoreConfig};
 use crate::delivery::{now_ms, Delivery, Settings};
 use crate::http::{self, AppState, RateLimiter};
 use crate::net;
 use crate::realtime;
+use crate::relay::Relay;
 use crate::reload::Reloader;
 use crate::sites::Sites;
-use crate::store::{MemoryStore, SledStore, Store};
+use crate::store::{MemoryStore, RedisStore, SledStore, Store};
 use crate::tls::TlsListener;
 
 /// A built, bound, not yet serving instance.
@@ -52,21 +53,35 @@ impl Application {
         }
         crate::metrics::install();
         let server = Arc::new(config.server.clone());
-        let (store, sled): (Arc<dyn Store>, _) = if server.ephemeral {
-            tracing::warn!("ephemeral store: nothing survives a restart");
-            (Arc::new(MemoryStore::new()), None)
-        } else {
-            let (dir, cache, min_free) = (server.data_dir.clone(), server.cache_bytes, server.min_free_disk_bytes);
-            let sled = tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&dir)?;
-                SledStore::open(&dir, cache, min_free).map_err(anyhow::Error::from)
-            })
-            .await?
-            .with_context(|| format!("cannot open the store in {}", server.data_dir.display()))?;
-            (Arc::new(sled.clone()), Some(sled))
+        let mut relay = None;
+        let (store, sled): (Arc<dyn Store>, _) = match &config.store {
+            _ if server.ephemeral => {
+                tracing::warn!("ephemeral store: nothing survives a restart");
+                (Arc::new(MemoryStore::new()), None)
+            }
+            StoreConfig::Redis(redis) => {
+                let options = redis.options();
+                let store = RedisStore::open(options.clone()).await.context("cannot reach Redis")?;
+                let joined = Relay::start(&options.target, &options.prefix, store.node())
+                    .await
+                    .context("cannot reach Redis for the relay between nodes")?;
+                relay = Some(joined);
+                tracing::info!(node = store.node(), cluster = redis.cluster, key_prefix = %redis.key_prefix, "store on Redis");
+                (Arc::new(store), None)
+            }
+            StoreConfig::Sled => {
+                let (dir, cache, min_free) = (server.data_dir.clone(), server.cache_bytes, server.min_free_disk_bytes);
+                let sled = tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    SledStore::open(&dir, cache, min_free).map_err(anyhow::Error::from)
+                })
+                .await?
+                .with_context(|| format!("cannot open the store in {}", server.data_dir.display()))?;
+                let left_connected = sled.disconnect_all(now_ms()).await?;
+                tracing::info!(data_dir = %server.data_dir.display(), devices_left_connected = left_connected, "store open");
+                (Arc::new(sled.clone()), Some(sled))
+            }
         };
-        let left_connected = store.disconnect_all(now_ms()).await?;
-        tracing::info!(data_dir = %server.data_dir.display(), devices_left_connected = left_connected, "store open");
 
         let callbacks = Callbacks::new(&server).context("cannot build the HTTP client")?;
         let (layer, io) = realtime::layer(&server);
@@ -79,7 +94,11 @@ impl Application {
             max_devices_per_user: server.max_devices_per_user,
             max_name_bytes: server.max_name_bytes,
         };
-        let delivery = Arc::new(Delivery::new(store, io.clone(), callbacks.clone(), settings));
+        let mut delivery = Delivery::new(store, io.clone(), callbacks.clone(), settings);
+        if let Some((relay, notices)) = relay {
+            delivery = delivery.with_relay(relay, notices);
+        }
+        let delivery = Arc::new(delivery);
         let sites = Sites::new(config.sites.values().cloned());
         realtime::register(&io, &sites, delivery.clone(), callbacks.clone(), server.connect_timeout);
         for site in sites.all() {

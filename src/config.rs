@@ -68,6 +68,8 @@ pub struct Config {
     pub sites: BTreeMap<String, SiteConfig>,
     /// The admin API and status page, when configured.
     pub admin: Option<AdminConfig>,
+    /// Where the data lives (`[store]`).
+    pub store: StoreConfig,
     /// Things worth a warning line at startup (ignored settings).
     pub warnings: Vec<String>,
 }
@@ -142,6 +144,75 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Serve the built-in demo page and demo auth endpoint (`/demo`).
     pub demo: bool,
+}
+
+/// Where the data lives (`[store]`).
+#[derive(Clone, Debug, Default)]
+pub enum StoreConfig {
+    /// The embedded sled database under `server.data_dir` (the default).
+    #[default]
+    Sled,
+    /// Redis, shared by every node of the service.
+    Redis(RedisConfig),
+}
+
+/// `[store] backend = "redis"` and its settings.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis_url`: one server's URL, or a cluster's nodes separated by commas. May hold a
+    /// password: never printed.
+    pub urls: Vec<String>,
+    /// `redis_cluster`: the URLs name nodes of a Redis Cluster.
+    pub cluster: bool,
+    /// `key_prefix`: the start of every key, so that services can share one Redis.
+    pub key_prefix: String,
+    /// `redis_timeout_ms`: longest wait for a connection or a reply.
+    pub timeout: Duration,
+    /// `wait_replicas`: replicas that must have a write before `/send` is answered (`WAIT`).
+    pub wait_replicas: u32,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("urls", &self.urls.iter().map(|u| masked_url(u)).collect::<Vec<_>>())
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("wait_replicas", &self.wait_replicas)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The store's options.
+    pub fn options(&self) -> crate::store::RedisOptions {
+        crate::store::RedisOptions {
+            target: crate::store::redis::Target {
+                urls: self.urls.clone(),
+                cluster: self.cluster,
+                timeout: self.timeout,
+            },
+            prefix: self.key_prefix.clone(),
+            wait_replicas: self.wait_replicas,
+        }
+    }
+}
+
+/// A URL with its password, if any, masked.
+fn masked_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("(hidden)"));
+            u.to_string()
+        }
+        Ok(u) if u.query_pairs().any(|(k, _)| k == "pass" || k == "password") => {
+            let mut u = u.clone();
+            u.set_query(Some("(hidden)"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// The admin listener (`[admin]`): admin API, status page. Off unless the table is present.
@@ -251,6 +322,33 @@ struct RawConfig {
     sites: BTreeMap<String, RawSite>,
     #[serde(default)]
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    backend: String,
+    redis_url: Option<String>,
+    redis_cluster: bool,
+    key_prefix: String,
+    redis_timeout_ms: u64,
+    wait_replicas: u32,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            backend: "sled".into(),
+            redis_url: None,
+            redis_cluster: false,
+            key_prefix: "sio-push".into(),
+            // Far below request_timeout_secs, far above a healthy Redis's worst reply.
+            redis_timeout_ms: 5_000,
+            wait_replicas: 0,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -559,8 +657,62 @@ impl Config {
             sites.insert(name.clone(), validate_site(name, site)?);
         }
         let admin = raw.admin.map(validate_admin).transpose()?;
-        Ok(Self { admin, server, sites, warnings: Vec::new() })
+        let store = validate_store(raw.store, &server)?;
+        Ok(Self { admin, server, sites, store, warnings: Vec::new() })
     }
+}
+
+fn validate_store(raw: RawStore, server: &ServerConfig) -> Result<StoreConfig, ConfigError> {
+    match raw.backend.as_str() {
+        "sled" => return Ok(StoreConfig::Sled),
+        "redis" => {}
+        other => return Err(invalid("store.backend", other, "\"sled\" (the embedded default) or \"redis\"")),
+    }
+    let Some(url) = raw.redis_url.filter(|u| !u.trim().is_empty()) else {
+        return Err(invalid(
+            "store.redis_url",
+            "",
+            "a URL like redis://127.0.0.1:6379/ (rediss:// for TLS) when store.backend is \"redis\"",
+        ));
+    };
+    let urls: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+    for u in &urls {
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+            return Err(invalid("store.redis_url", &masked_url(u), &format!("{e}; a URL like redis://host:6379/")));
+        }
+    }
+    if urls.len() > 1 && !raw.redis_cluster {
+        return Err(invalid(
+            "store.redis_url",
+            &urls.iter().map(|u| masked_url(u)).collect::<Vec<_>>().join(","),
+            "one URL, unless store.redis_cluster = true (then any of the cluster's nodes)",
+        ));
+    }
+    let prefix_ok = !raw.key_prefix.is_empty()
+        && raw.key_prefix.len() <= 64
+        && raw.key_prefix.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}'));
+    if !prefix_ok {
+        return Err(invalid(
+            "store.key_prefix",
+            &raw.key_prefix,
+            "1 to 64 printable characters, without braces or spaces",
+        ));
+    }
+    let timeout = Duration::from_millis(raw.redis_timeout_ms);
+    if raw.redis_timeout_ms == 0 || timeout >= server.request_timeout {
+        return Err(invalid(
+            "store.redis_timeout_ms",
+            &raw.redis_timeout_ms.to_string(),
+            "above 0 and below server.request_timeout_secs, so that a /send is answered 503 in time",
+        ));
+    }
+    Ok(StoreConfig::Redis(RedisConfig {
+        urls,
+        cluster: raw.redis_cluster,
+        key_prefix: raw.key_prefix,
+        timeout,
+        wait_replicas: raw.wait_replicas,
+    }))
 }
 
 fn validate_admin(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
@@ -701,7 +853,11 @@ pub(crate) fn overlay_env(doc: &mut toml::Table, env: &BTreeMap<String, String>)
 
     // The old service's names.
     if env.contains_key("REDIS_URL") {
-        warnings.push("REDIS_URL is set but sio-push keeps its data in its embedded store: ignored".into());
+        warnings.push(
+            "REDIS_URL is set but ignored: sio-push keeps its data in its embedded store unless [store] backend = \
+             \"redis\" with redis_url (SIO_PUSH_STORE__BACKEND=redis, SIO_PUSH_STORE__REDIS_URL=...)"
+                .into(),
+        );
     }
     if let Some(port) = env.get("PORT") {
         let port: u16 = port.trim().parse().map_err(|_| invalid("PORT", port, "a TCP port number"))?;
@@ -797,6 +953,19 @@ impl fmt::Display for Config {
         writeln!(f, "shutdown_timeout_secs = {}", s.shutdown_timeout.as_secs())?;
         writeln!(f, "log_format = \"{}\"", if s.log_format == LogFormat::Json { "json" } else { "text" })?;
         writeln!(f, "demo = {}", s.demo)?;
+        writeln!(f, "\n[store]")?;
+        match &self.store {
+            StoreConfig::Sled => writeln!(f, "backend = \"sled\"")?,
+            StoreConfig::Redis(r) => {
+                writeln!(f, "backend = \"redis\"")?;
+                let urls: Vec<String> = r.urls.iter().map(|u| masked_url(u)).collect();
+                writeln!(f, "redis_url = {:?}", urls.join(","))?;
+                writeln!(f, "redis_cluster = {}", r.cluster)?;
+                writeln!(f, "key_prefix = {:?}", r.key_prefix)?;
+                writeln!(f, "redis_timeout_ms = {}", r.timeout.as_millis())?;
+                writeln!(f, "wait_replicas = {}", r.wait_replicas)?;
+            }
+        }
         if let Some(admin) = &self.admin {
             writeln!(f, "\n[admin]\nlisten = \"{}\"\ntoken = (set)", admin.listen)?;
         }

@@ -59,6 +59,8 @@ pub enum ApiError {
     /// The store could not make the message durable. Nothing was answered 200.
     #[error("{}", match .0 {
         StoreError::DiskFull { .. } => "Message not stored: the data disk is almost full.",
+        StoreError::Unavailable(_) => "Message not confirmed: the store (Redis) is unreachable. Retry with the same \
+            Idempotency-Key to store it once.",
         _ => "Message not stored: storage unavailable.",
     })]
     Storage(#[from] StoreError),

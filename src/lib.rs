@@ -39,6 +39,7 @@ pub mod net;
 pub mod notify;
 pub mod ops;
 pub mod realtime;
+pub mod relay;
 pub mod reload;
 pub mod shutdown;
 pub mod sites;

@@ -96,6 +96,11 @@ fn describe() {
     describe_gauge!("sio_push_devices_connected", "Devices with a connected socket");
     describe_gauge!("sio_push_queued_messages", "Messages waiting in device queues");
     describe_gauge!("sio_push_queued_bytes", Unit::Bytes, "Bytes waiting in device queues");
+    describe_counter!(
+        "sio_push_relay_notices_total",
+        "Live messages handed between nodes of a Redis store, by direction (sent, received)"
+    );
+    describe_counter!("sio_push_relay_gaps_total", "Times this node's relay subscription was lost and restored");
     describe_counter!("sio_push_messages_accepted_total", "POST /send requests accepted (200)");
     describe_counter!("sio_push_messages_stored_total", "Message copies stored into device queues");
     describe_counter!("sio_push_messages_delivered_total", "Messages emitted to sockets, by path (live or batch)");
@@ -236,6 +241,16 @@ pub fn unauthenticated_sessions(open: usize, refused: u64) {
 pub fn connection_refused() {
     static REFUSED: OnceLock<metrics::Counter> = OnceLock::new();
     REFUSED.get_or_init(|| counter!("sio_push_connections_refused_total")).increment(1);
+}
+
+/// A relay notice was sent to another node, or received (`direction`).
+pub fn relay_notice(direction: &'static str) {
+    counter!("sio_push_relay_notices_total", "direction" => direction).increment(1);
+}
+
+/// The relay subscription was lost and is back: notices published meanwhile were missed.
+pub fn relay_gap() {
+    counter!("sio_push_relay_gaps_total").increment(1);
 }
 
 /// A `_resync` was sent.

@@ -284,3 +284,32 @@ fn tls_needs_both_files_and_a_readable_pair() {
     let err = Config::from_toml(&text).unwrap_err().to_string();
     assert!(err.contains("no certificate"), "{err}");
 }
+
+#[test]
+fn the_store_is_sled_unless_redis_is_chosen_and_redis_settings_are_checked() {
+    assert!(matches!(from_env(OLD_ENV).unwrap().store, StoreConfig::Sled), "REDIS_URL alone keeps sled");
+    let warning = &from_env(OLD_ENV).unwrap().warnings[0];
+    assert!(warning.contains("SIO_PUSH_STORE__BACKEND") && warning.contains("redis_url"), "{warning}");
+    let redis =
+        [("SIO_PUSH_STORE__BACKEND", "redis"), ("SIO_PUSH_STORE__REDIS_URL", "redis://:s3cret@10.0.0.5:6379/2")];
+    let config = from_env(&redis).unwrap();
+    let StoreConfig::Redis(r) = &config.store else { panic!("{:?}", config.store) };
+    assert_eq!((r.urls.len(), r.cluster, r.key_prefix.as_str(), r.wait_replicas), (1, false, "sio-push", 0));
+    let printed = config.to_string();
+    assert!(printed.contains("backend = \"redis\"") && !printed.contains("s3cret"), "{printed}");
+    assert!(!format!("{config:?}").contains("s3cret"));
+
+    let err = |pairs: &[(&str, &str)]| from_env(pairs).unwrap_err().to_string();
+    assert!(err(&[("SIO_PUSH_STORE__BACKEND", "redis")]).contains("store.redis_url"));
+    assert!(err(&[("SIO_PUSH_STORE__BACKEND", "postgres")]).contains("store.backend"));
+    let bad_url = err(&[redis[0], ("SIO_PUSH_STORE__REDIS_URL", "http://:s3cret@host/")]);
+    assert!(bad_url.contains("store.redis_url") && !bad_url.contains("s3cret"), "{bad_url}");
+    let two = [redis[0], ("SIO_PUSH_STORE__REDIS_URL", "redis://a:7000,redis://b:7001")];
+    assert!(err(&two).contains("redis_cluster"));
+    let cluster = from_env(&[two[0], two[1], ("SIO_PUSH_STORE__REDIS_CLUSTER", "true")]).unwrap();
+    assert!(
+        matches!(cluster.store, StoreConfig::Redis(RedisConfig { cluster: true, ref urls, .. }) if urls.len() == 2)
+    );
+    assert!(err(&[redis[0], redis[1], ("SIO_PUSH_STORE__KEY_PREFIX", "a{b}")]).contains("store.key_prefix"));
+    assert!(err(&[redis[0], redis[1], ("SIO_PUSH_STORE__REDIS_TIMEOUT_MS", "60000")]).contains("request_timeout"));
+}

@@ -21,6 +21,7 @@ impl Delivery {
         socket.join(client.rooms.clone());
         let mut registered = Vec::new();
         let mut refused = false;
+        let mut failed = false;
         if site.reliable() {
             for user in client.rooms.iter().filter(|r| site.is_user_room(r)) {
                 let dev = DeviceKey::new(&site.name, user, &client.device);
@@ -48,7 +49,8 @@ impl Delivery {
                     }
                     Err(e) => {
                         order.remove(socket.id);
-                        tracing::error!(site = %site.name, room = %user, device = %dev.device, error.message = %e, "device not registered");
+                        failed = true;
+                        tracing::error!(site = %site.name, room = %user, device = %dev.device, sid = %socket.id, error.message = %e, "device not registered: the client's transport is closed, so that it connects again");
                     }
                 }
             }
@@ -59,6 +61,13 @@ impl Delivery {
             socket.extensions.insert(Refused);
             // Its disconnect handler takes the devices registered above off again.
             let _ = socket.disconnect();
+            return;
+        }
+        // The store failed (Redis unreachable): the client reconnects, as after a network
+        // failure, and finds the node ready or is refused with the reason.
+        if failed {
+            socket.extensions.insert(Refused);
+            socket.close_transport();
             return;
         }
         let ttl = self.settings.device_ttl.as_secs();

@@ -26,11 +26,12 @@ use socketioxide::SocketIo;
 
 use crate::callbacks::Callbacks;
 use crate::metrics;
+use crate::relay::{Notice, Relay};
 use crate::store::{Ack, DeviceKey, Expiry, Millis, QueueLimits, Resync, Store, StoreError};
 
 pub use self::ack::AckArgs;
 use self::ack::Acks;
-use self::emit::Item;
+use self::emit::{Item, LiveMessage};
 use self::sockets::{DeviceSockets, Offered};
 
 /// A message accepted by `POST /send`.
@@ -135,6 +136,8 @@ pub struct Delivery {
     /// The task recording acks (see [`Delivery::new`]); if it ever ends, acks are lost, so
     /// [`Delivery::failure`] reports it.
     recorder: tokio::task::JoinHandle<()>,
+    /// With a Redis store: the other nodes, and the task delivering what they send here.
+    relay: Option<(Relay, tokio::task::JoinHandle<()>)>,
 }
 
 /// The current time in milliseconds since the epoch.
@@ -148,7 +151,26 @@ impl Delivery {
     pub fn new(store: Arc<dyn Store>, io: SocketIo, callbacks: Callbacks, settings: Settings) -> Self {
         let (sockets, acks) = (Arc::new(DeviceSockets::default()), Arc::new(Acks::default()));
         let recorder = tokio::spawn(record_acks(store.clone(), sockets.clone(), acks.clone()));
-        Self { store, io, callbacks, settings, sockets, acks, recorder }
+        Self { store, io, callbacks, settings, sockets, acks, recorder, relay: None }
+    }
+
+    /// Joins the other nodes of a shared store: live messages for devices held elsewhere go
+    /// through `relay`, and what other nodes send here is delivered to this node's sockets.
+    pub fn with_relay(mut self, relay: Relay, notices: tokio::sync::mpsc::Receiver<Notice>) -> Self {
+        let task = tokio::spawn(relayed(
+            notices,
+            self.sockets.clone(),
+            self.acks.clone(),
+            self.io.clone(),
+            relay.node().to_owned(),
+        ));
+        self.relay = Some((relay, task));
+        self
+    }
+
+    /// Whether this node hears the other nodes (always, without a relay).
+    pub fn relay_subscribed(&self) -> bool {
+        self.relay.as_ref().is_none_or(|(relay, _)| relay.is_subscribed())
     }
 
     /// Connected sockets of a site.
@@ -170,6 +192,9 @@ impl Delivery {
     pub fn failure(&self) -> Option<String> {
         if self.recorder.is_finished() {
             return Some("the task recording acks stopped".into());
+        }
+        if self.relay.as_ref().is_some_and(|(_, task)| task.is_finished()) {
+            return Some("the task delivering relayed messages stopped".into());
         }
         self.store.failure()
     }
@@ -216,6 +241,40 @@ async fn record_acks(store: Arc<dyn Store>, sockets: Arc<DeviceSockets>, acks: A
             let dev = &resync.device;
             tracing::info!(site = %dev.site, room = %dev.user, device = %dev.device, event = %resync.event, cleared = resync.cleared, "ack out of order: the queue of the event was cleared, the device owes a _resync");
             tokio::spawn(deliver_resync(store.clone(), sockets.clone(), acks.clone(), resync));
+        }
+    }
+}
+
+/// Delivers what other nodes relay here to this node's sockets, as a local send would.
+async fn relayed(
+    mut notices: tokio::sync::mpsc::Receiver<Notice>,
+    sockets: Arc<DeviceSockets>,
+    acks: Arc<Acks>,
+    io: SocketIo,
+    node: String,
+) {
+    while let Some(notice) = notices.recv().await {
+        match notice {
+            Notice::Message { site, id, event, args, resync, devices } => {
+                metrics::relay_notice("received");
+                let item = Item::Message(Arc::new(LiveMessage { id, event: event.into(), args, resync }));
+                for (user, device) in devices {
+                    let dev = DeviceKey::new(&site, &user, &device);
+                    if let Offered::Failed(socket, e) =
+                        sockets.offer(&dev, &item, |s| emit::emit(&acks, s, &dev, &item))
+                    {
+                        emit::emit_failed(socket, &dev, &e);
+                    }
+                }
+            }
+            Notice::Broadcast { from, site, rooms, event, args } if from != node => {
+                if let Some(ns) = io.of(format!("/{site}")) {
+                    if let Err(e) = ns.to(rooms).emit(&event, &emit::Spread(&args)).await {
+                        tracing::warn!(site = %site, error.message = %e, "relayed broadcast failed");
+                    }
+                }
+            }
+            Notice::Broadcast { .. } => {}
         }
     }
 }

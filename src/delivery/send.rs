@@ -8,7 +8,8 @@ use super::sockets::Offered;
 use super::{forgotten, Delivery, Message, SendError, Sent};
 use crate::config::SiteConfig;
 use crate::metrics;
-use crate::store::{Idempotency, Replay, StoreError};
+use crate::relay::Notice;
+use crate::store::{DeviceKey, Idempotency, Replay, StoreError};
 
 impl Delivery {
     /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
@@ -72,10 +73,32 @@ impl Delivery {
         let stored = out.devices.len();
         metrics::stored(&site.name, stored as u64);
         let Message { event, args, resync, .. } = msg;
+        let mut live = 0;
+        if let Some((relay, _)) = &self.relay {
+            for (node, devices) in &out.elsewhere {
+                let notice = Notice::Message {
+                    site: site.name.clone(),
+                    id: out.id,
+                    event: event.clone(),
+                    args: args.clone(),
+                    resync,
+                    devices: devices.iter().map(|d| (d.user.to_string(), d.device.to_string())).collect(),
+                };
+                match relay.to_node(node, &notice).await {
+                    Ok(()) => {
+                        metrics::relay_notice("sent");
+                        live += devices.len();
+                    }
+                    Err(e) => {
+                        tracing::warn!(site = %site.name, node = %node, error.message = %e, "live copy for another node not sent: the message waits in its devices' queues")
+                    }
+                }
+            }
+        }
+        let elsewhere: HashSet<&DeviceKey> = out.elsewhere.iter().flat_map(|(_, devices)| devices).collect();
         let message = Arc::new(LiveMessage { id: out.id, event: event.into(), args, resync });
         let item = Item::Message(message.clone());
-        let mut live = 0;
-        for dev in &out.devices {
+        for dev in out.devices.iter().filter(|dev| !elsewhere.contains(dev)) {
             match self.sockets.offer(dev, &item, |socket| emit::emit(&self.acks, socket, dev, &item)) {
                 Offered::Sent | Offered::Held => live += 1,
                 Offered::Skipped | Offered::NoSocket => {}
@@ -118,6 +141,18 @@ impl Delivery {
                 tracing::info!(site = %site.name, event = %msg.event, rooms = msg.rooms.len(), "message broadcast")
             }
             Err(e) => tracing::warn!(site = %site.name, error.message = %e, "broadcast failed"),
+        }
+        if let Some((relay, _)) = &self.relay {
+            let notice = Notice::Broadcast {
+                from: relay.node().to_owned(),
+                site: site.name.clone(),
+                rooms: msg.rooms.clone(),
+                event: msg.event.clone(),
+                args: msg.args.clone(),
+            };
+            if let Err(e) = relay.to_all(&notice).await {
+                tracing::warn!(site = %site.name, error.message = %e, "broadcast to the other nodes failed");
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 //! `GET /healthcheck` answers `ok` while the process serves (the old service's check), and `503`
 //! once a component it cannot do without has died (the store after a failed sync or a panic of
 //! its writer, the task recording acks): the process then exits, for its supervisor to restart.
-//! `GET /readyz` answers `ready` only while the store accepts writes and no drain has begun, so a
+//! `GET /readyz` answers `ready` only while the store accepts writes (with Redis: answers, and this
+//! node hears the other nodes) and no drain has begun, so a
 //! load balancer stops sending traffic before the sockets close. `GET /metrics` is the
 //! Prometheus text format; its registry gauges come from totals the store keeps (no scan).
 
@@ -30,6 +31,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str)
         (StatusCode::SERVICE_UNAVAILABLE, "failed")
     } else if !state.delivery.store().is_open() {
         (StatusCode::SERVICE_UNAVAILABLE, "store closed")
+    } else if !state.delivery.relay_subscribed() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not subscribed to the other nodes")
     } else if !state.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else {

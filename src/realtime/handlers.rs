@@ -56,6 +56,13 @@ pub fn register_site(io: &SocketIo, name: &str, sites: Sites, delivery: Arc<Deli
                 return Err(refuse(AuthError::OriginNotAllowed));
             }
         }
+        // Without its store a node cannot register the device: a clear refusal now, not a
+        // `_settings` that promises what it cannot keep.
+        if site.reliable() && !delivery_a.store().is_open() {
+            return Err(refuse(AuthError::Other(
+                "Service unavailable: its storage is unreachable, retry later".into(),
+            )));
+        }
         let q = query(&socket);
         // Names over the limit are refused here, before the auth call and the store: the store
         // could not key them, and a client must not be told it connected when it is not.

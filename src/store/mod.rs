@@ -17,6 +17,7 @@
 //! lost disconnect time is set again at the next start.
 
 pub mod memory;
+pub mod redis;
 mod rules;
 pub mod sled;
 
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use self::memory::MemoryStore;
+pub use self::redis::{RedisOptions, RedisStore};
 pub use self::sled::SledStore;
 
 /// Milliseconds since the Unix epoch.
@@ -170,6 +172,9 @@ pub struct Enqueued {
     pub overflowed: Vec<(DeviceKey, u64)>,
     /// Set when the idempotency key was seen before: then nothing else was done.
     pub replay: Option<Replay>,
+    /// A store shared by several nodes: the devices among `devices` whose newest socket is on
+    /// another node, by node, for that node to emit the message live. Empty otherwise.
+    pub elsewhere: Vec<(String, Vec<DeviceKey>)>,
 }
 
 /// What a device learns when it connects.
@@ -263,6 +268,10 @@ pub enum StoreError {
         /// The floor.
         min: u64,
     },
+    /// The shared store (Redis) did not answer, or answered an error: the change may or may not
+    /// have been made.
+    #[error("the store is unreachable: {0}")]
+    Unavailable(String),
     /// The store's writer has stopped (shutdown, a failed sync, or a crash of its thread).
     #[error("the store is closed")]
     Closed,

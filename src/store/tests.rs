@@ -584,6 +584,13 @@ macro_rules! conformance {
                 super::$case(super::SledStore::open(dir.path(), 1 << 20, 0).unwrap()).await;
             })*
         }
+        /// Each case on its own key prefix of one `redis-server` started for the test process.
+        mod redis {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::redis_store().await).await;
+            })*
+        }
         /// A checkpoint begun after every round: reads go through the changes it is giving sled.
         mod sled_checkpointing {
             $(#[tokio::test]
@@ -594,6 +601,67 @@ macro_rules! conformance {
             })*
         }
     };
+}
+
+/// A `redis-server` of Debian's package for this test process, on a Unix socket in a temporary
+/// directory: `REDIS_SERVER` names another binary. It stops with the process (its parent-death
+/// signal is tied to a thread that lives as long as the process).
+pub(crate) fn redis_socket() -> &'static std::path::Path {
+    static SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let dir = tempfile::tempdir().unwrap().keep();
+            let socket = dir.join("redis.sock");
+            let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            let mut command = std::process::Command::new(&binary);
+            command
+                .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+                .arg(&socket)
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(std::process::Stdio::null());
+            // SAFETY: prctl is async-signal-safe; it only sets a flag of the child.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = command.spawn().unwrap_or_else(|e| {
+                panic!("cannot start {binary} (install Debian's redis-server, or run scripts/test.sh): {e}")
+            });
+            for _ in 0..500 {
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tx.send(socket).unwrap();
+            // Lives as long as the process; the parent-death signal stops the server with it.
+            let _ = child.wait();
+        });
+        rx.recv().expect("the redis-server thread answers")
+    })
+}
+
+/// A store on the test `redis-server`, under a key prefix of its own.
+pub(crate) async fn redis_store() -> RedisStore {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    redis_store_on(&format!("test{}-{n}", std::process::id())).await
+}
+
+/// Another node on the test `redis-server`: stores opened with one prefix share their data.
+pub(crate) async fn redis_store_on(prefix: &str) -> RedisStore {
+    let url = format!("redis+unix://{}", redis_socket().display());
+    let options = RedisOptions {
+        target: super::redis::Target { urls: vec![url], cluster: false, timeout: Duration::from_secs(5) },
+        prefix: prefix.to_owned(),
+        wait_replicas: 0,
+    };
+    RedisStore::open(options).await.unwrap()
 }
 
 conformance!(

@@ -1,8 +1,10 @@
 // Test harness: the real sio-push binary, a real HTTP mock of the customer's website, and real
 // socket.io clients (2.x and 4.x). Every wait is bounded.
 import { spawn } from "node:child_process";
+import { EventEmitter } from "node:events";
 import http from "node:http";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -91,12 +93,125 @@ export function oldEnv(website, extra = {}) {
   };
 }
 
+// SIO_PUSH_E2E_CLUSTER=1 runs every server of a test file as two nodes on one Redis: clients
+// connect to the first, `/send` goes to the second, so every message crosses nodes.
+export const CLUSTER = process.env.SIO_PUSH_E2E_CLUSTER === "1";
+
+/**
+ * A `redis-server` (Debian's package) on a Unix socket in a temporary directory, with `args`
+ * added; stopped when this process exits. `url` is what `[store] redis_url` takes.
+ */
+export async function startRedis(args = []) {
+  const dir = mkdtempSync(path.join(tmpdir(), "sio-push-redis-"));
+  const socket = path.join(dir, "redis.sock");
+  const redis = { dir, socket, url: `redis+unix://${socket}` };
+  redis.start = async () => {
+    // No pipes: a child with open pipes would keep this process alive after its tests.
+    const child = spawn("redis-server", ["--port", "0", "--unixsocket", socket, "--dir", dir, "--save", "", ...args], {
+      stdio: "ignore",
+    });
+    child.unref();
+    redis.child = child;
+    redis.exited = new Promise((r) => child.on("exit", r));
+    await within(
+      (async () => {
+        while (!(await answers(socket))) await new Promise((r) => setTimeout(r, 20));
+      })(),
+      "redis-server to start",
+      10000,
+    );
+    return redis;
+  };
+  /** Stops it: SIGKILL with `kill`, else SIGTERM (which writes the AOF and exits). */
+  redis.stop = async ({ kill = false } = {}) => {
+    if (redis.child.exitCode === null && redis.child.signalCode === null) redis.child.kill(kill ? "SIGKILL" : "SIGTERM");
+    await within(redis.exited, "redis-server to stop", 15000);
+    if (existsSync(socket)) rmSync(socket);
+  };
+  process.on("exit", () => {
+    redis.child?.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return redis.start();
+}
+
+/** Whether a Redis answers PING on the Unix socket. */
+function answers(socket) {
+  return new Promise((resolve) => {
+    const conn = net.createConnection(socket, () => conn.write("PING\r\n"));
+    conn.on("data", (d) => (conn.destroy(), resolve(d.toString().startsWith("+PONG"))));
+    conn.on("error", () => resolve(false));
+  });
+}
+
+let sharedRedis;
+let prefixes = 0;
+const prefixOf = new Map();
+
 /**
  * Starts `sio-push serve` configured only by `env` (plus PORT=0 and SIO_PUSH_DATA_DIR), and
  * resolves once it logs the address it serves on. With `command` ([program, ...args]) that
  * command runs instead, with `env` alone and in `cwd`, and no data dir is made or removed.
+ * In cluster mode (see CLUSTER) the server is two nodes on a Redis of this process.
  */
-export async function startServer(env, { dataDir, command, cwd, args: extraArgs = [] } = {}) {
+export async function startServer(env, opts = {}) {
+  if (!CLUSTER || opts.command) return startNode(env, opts);
+  sharedRedis ??= startRedis();
+  const redis = await sharedRedis;
+  // A restart "on the same data dir" is a restart on the same keys.
+  const prefix = prefixOf.get(opts.dataDir) ?? `e2e-${process.pid}-${prefixes++}`;
+  const shared = {
+    SIO_PUSH_STORE__BACKEND: "redis",
+    SIO_PUSH_STORE__REDIS_URL: redis.url,
+    SIO_PUSH_STORE__KEY_PREFIX: prefix,
+    ...env,
+  };
+  const server = joinNodes(await Promise.all([startNode(shared, opts), startNode(shared, opts)]));
+  prefixOf.set(server.dataDir, prefix);
+  return server;
+}
+
+/**
+ * Several nodes as one server for the tests: clients go to the first, `/send` to the last, and
+ * the log is every node's, in the order the lines came.
+ */
+export function joinNodes(nodes) {
+  const [first, last] = [nodes[0], nodes[nodes.length - 1]];
+  const stderr = new EventEmitter();
+  const server = {
+    ...first,
+    nodes,
+    sendUrl: last.url,
+    sendPort: last.port,
+    // What they logged while starting, then every line as it comes.
+    log: nodes.map((n) => n.log).join(""),
+    child: { stderr, kill: (signal) => nodes.forEach((n) => n.child.kill(signal)) },
+  };
+  for (const node of nodes) {
+    node.child.stderr.on("data", (chunk) => {
+      server.log += chunk;
+      stderr.emit("data", chunk);
+    });
+  }
+  server.exited = Promise.all(nodes.map((n) => n.exited)).then((all) => all[0]);
+  server.stop = async () => (await Promise.all(nodes.map((n) => n.stop())))[0];
+  server.kill = async () => (await Promise.all(nodes.map((n) => n.kill())))[0];
+  server.cleanup = async () => Promise.all(nodes.map((n) => n.cleanup()));
+  server.logged = (pattern, from = 0) => {
+    const seen = () => pattern.test(server.log.slice(from));
+    if (seen()) return Promise.resolve();
+    return within(
+      new Promise((resolve) => {
+        const check = () => seen() && (stderr.off("data", check), resolve());
+        stderr.on("data", check);
+      }),
+      `a log line matching ${pattern}`,
+    );
+  };
+  return server;
+}
+
+async function startNode(env, { dataDir, command, cwd, args: extraArgs = [] } = {}) {
   const own = !command;
   if (own) dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
   const [program, ...args] = command ?? [BIN, "serve", ...extraArgs];
@@ -167,7 +282,7 @@ export async function send(server, { site = "shop", apiKey = "secret-key", resyn
   if (apiKey !== undefined && apiKey !== null) q.set("apiKey", apiKey);
   if (resync !== undefined) q.set("resync", String(resync));
   const isForm = typeof body === "string";
-  const res = await fetch(`${server.url}/send?${q}`, {
+  const res = await fetch(`${server.sendUrl ?? server.url}/send?${q}`, {
     method: "POST",
     headers: { "Content-Type": isForm ? "application/x-www-form-urlencoded" : "application/json", ...headers },
     body: isForm ? body : JSON.stringify(body),
@@ -188,7 +303,7 @@ export function busyWebsite(server, { site = "shop", apiKey = "secret-key", conn
       const req = http.request(
         {
           host: "127.0.0.1",
-          port: server.port,
+          port: server.sendPort ?? server.port,
           path: `/send?site=${site}&apiKey=${apiKey}`,
           method: "POST",
           agent,

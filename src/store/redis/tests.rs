@@ -1,0 +1,287 @@
+//! What only the Redis store has: several nodes on one Redis, their heartbeats, and the
+//! bookkeeping the scripts keep (references, counts, indexes), audited after concurrent changes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use redis::AsyncCommands;
+
+use super::*;
+use crate::store::tests::{redis_store, redis_store_on};
+
+impl RedisStore {
+    /// Recounts one site from its keys and compares with what the scripts keep: the totals, each
+    /// device's bytes, the references of shared messages, the event index, the disconnected and
+    /// connected indexes.
+    async fn audit(&self, site: &str) -> Result<(), String> {
+        let tag = self.tag(site);
+        let mut conn = self.conn();
+        let keys: Vec<String> = conn.keys(format!("{tag}:*")).await.map_err(|e| e.to_string())?;
+        let (mut devices, mut connected, mut messages, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+        let mut refs = HashMap::<String, i64>::new();
+        let mut events = 0usize;
+        for key in &keys {
+            let rest = &key[tag.len() + 1..];
+            if let Some(user) = rest.strip_prefix("u:") {
+                let read = self.describe(&tag, user, &[]).await.map_err(|e| e.to_string())?;
+                for seen in &read.devices {
+                    devices += 1;
+                    let dkey = dk(user, &seen.device);
+                    let in_t: Option<f64> = conn.zscore(format!("{tag}:t"), &dkey).await.map_err(|e| e.to_string())?;
+                    if seen.record.connected {
+                        connected += 1;
+                        let member: bool = conn
+                            .sismember(format!("{tag}:cn:{}", seen.record.node), &dkey)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if !member || in_t.is_some() {
+                            return Err(format!("{dkey}: connected but indexed wrong"));
+                        }
+                    } else if in_t != Some(seen.record.disconnected_at as f64) {
+                        return Err(format!(
+                            "{dkey}: disconnected at {} but indexed {in_t:?}",
+                            seen.record.disconnected_at
+                        ));
+                    }
+                    let entries: BTreeMap<String, String> =
+                        conn.hgetall(format!("{tag}:qv:{dkey}")).await.map_err(|e| e.to_string())?;
+                    let ids: Vec<String> =
+                        conn.zrange(format!("{tag}:q:{dkey}"), 0, -1).await.map_err(|e| e.to_string())?;
+                    if ids.len() != entries.len() || seen.state.queue_len != ids.len() as u64 {
+                        return Err(format!("{dkey}: {} ids, {} entries", ids.len(), entries.len()));
+                    }
+                    let mut sum = 0;
+                    for (id, value) in &entries {
+                        let size: u64 = value[1..].split(',').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        sum += size;
+                        if value.starts_with('s') {
+                            *refs.entry(id.clone()).or_default() += 1;
+                        }
+                        let event_start = value.find(':').map(|i| i + 1).unwrap_or(0);
+                        let event_len: usize = value[..event_start - 1].rsplit(',').next().unwrap().parse().unwrap();
+                        let event = &value[event_start..event_start + event_len];
+                        let indexed: Option<f64> =
+                            conn.zscore(format!("{tag}:e:{dkey}{event}"), id).await.map_err(|e| e.to_string())?;
+                        if indexed.is_none() {
+                            return Err(format!("{dkey}: {id} missing from the index of {event:?}"));
+                        }
+                        events += 1;
+                    }
+                    if sum != seen.state.queue_bytes {
+                        return Err(format!("{dkey}: {sum} bytes queued, {} counted", seen.state.queue_bytes));
+                    }
+                    messages += ids.len() as u64;
+                    bytes += sum;
+                }
+            }
+        }
+        let indexed: usize = {
+            let mut n = 0;
+            for key in keys.iter().filter(|k| k[tag.len() + 1..].starts_with("e:")) {
+                n += conn.zcard::<_, usize>(key).await.map_err(|e| e.to_string())?;
+            }
+            n
+        };
+        if indexed != events {
+            return Err(format!("{indexed} ids in event indexes, {events} queued"));
+        }
+        let counted: BTreeMap<String, i64> = conn.hgetall(format!("{tag}:n")).await.map_err(|e| e.to_string())?;
+        let bodies: i64 = conn.hlen(format!("{tag}:b")).await.map_err(|e| e.to_string())?;
+        if counted != refs.clone().into_iter().collect::<BTreeMap<_, _>>() || bodies != refs.len() as i64 {
+            return Err(format!("references {counted:?} ({bodies} bodies), queues refer {refs:?}"));
+        }
+        let totals: BTreeMap<String, u64> = conn.hgetall(format!("{tag}:totals")).await.map_err(|e| e.to_string())?;
+        let get = |k: &str| totals.get(k).copied().unwrap_or(0);
+        let kept = (get("devices"), get("connected"), get("queued_messages"), get("queued_bytes"));
+        if kept != (devices, connected, messages, bytes) {
+            return Err(format!("totals {kept:?}, recounted {:?}", (devices, connected, messages, bytes)));
+        }
+        Ok(())
+    }
+}
+
+fn prefix(name: &str) -> String {
+    format!("test{}-{name}", std::process::id())
+}
+
+fn devs(n: usize) -> Vec<DeviceKey> {
+    (0..n).map(|i| DeviceKey::new("site", &format!("user_{}", i % 7), &format!("d{i}"))).collect()
+}
+
+/// Two nodes send, ack, clear, connect and disconnect at once on one site, round after round:
+/// every change lands exactly once and the bookkeeping stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_changing_one_site_at_once_keep_it_exact() {
+    let prefix = prefix("two-nodes");
+    let nodes = [redis_store_on(&prefix).await, redis_store_on(&prefix).await];
+    let devs = devs(20);
+    for (i, d) in devs.iter().enumerate() {
+        nodes[i % 2].connect(d, &[d.user.to_string(), "staff".into()], None).await.unwrap();
+    }
+    let users: Vec<String> = (0..7).map(|i| format!("user_{i}")).collect();
+    let now = Expiry { now: 0, ttl_ms: 0 };
+    for round in 0..40usize {
+        let limits = QueueLimits { max_len: 6, max_bytes: 1 << 20 };
+        let sends = (0..20).map(|i| {
+            let (node, users) = (&nodes[i % 2], users[..(i % 7) + 1].to_vec());
+            async move {
+                // Several in a row, so that sends overlap the other changes, not only precede them.
+                for n in 0..3 {
+                    let entry = format!("[\"e{}\",{round},{n}]", (i + n) % 3);
+                    node.enqueue("site", users.clone(), entry.into(), now, limits, None).await.unwrap();
+                }
+            }
+        });
+        let others = devs.iter().enumerate().map(|(i, d)| {
+            let node = &nodes[(i + round) % 2];
+            async move {
+                let pending = node.pending(d).await.unwrap();
+                match (i + round) % 5 {
+                    0 => {
+                        node.clear_queue(d).await.unwrap();
+                    }
+                    1 => {
+                        node.disconnect(d, round as u64).await.unwrap();
+                        node.connect(d, &[d.user.to_string()], Some(50)).await.unwrap();
+                    }
+                    2 => {
+                        if let Some(q) = pending.get(1) {
+                            let event = entry_event(&q.entry).unwrap();
+                            let ack = Ack::Live { device: d.clone(), id: q.id, checked: Some(event.into()) };
+                            node.acks(vec![ack]).await.unwrap();
+                        }
+                    }
+                    _ => {
+                        let ids = pending.iter().map(|q| q.id).step_by(2).collect();
+                        node.acks(vec![Ack::Batch { device: d.clone(), ids }]).await.unwrap();
+                    }
+                }
+            }
+        });
+        futures_util::future::join(futures_util::future::join_all(sends), futures_util::future::join_all(others)).await;
+        nodes[0].audit("site").await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    let stats = nodes[1].stats().await.unwrap();
+    assert_eq!(stats["site"].devices, 20);
+}
+
+/// The newest socket of a device wins across nodes: the older node's disconnect changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_newest_socket_wins_across_nodes() {
+    let prefix = prefix("takeover");
+    let (a, b) = (redis_store_on(&prefix).await, redis_store_on(&prefix).await);
+    let d = DeviceKey::new("site", "user_1", "phone");
+    for round in 0..50 {
+        a.connect(&d, &["user_1".into()], None).await.unwrap();
+        b.connect(&d, &["user_1".into()], None).await.unwrap();
+        a.disconnect(&d, round).await.unwrap();
+        assert!(b.device(&d).await.unwrap().unwrap().connected, "round {round}");
+        b.disconnect(&d, round + 1).await.unwrap();
+        let state = a.device(&d).await.unwrap().unwrap();
+        assert_eq!((state.connected, state.disconnected_at), (false, round + 1));
+    }
+    a.audit("site").await.unwrap();
+}
+
+/// A node that stops (its heartbeat lapses) leaves no device connected: the next sweep of any
+/// node marks them disconnected, and they expire from then on.
+#[tokio::test]
+async fn a_dead_nodes_devices_are_disconnected_by_the_sweep() {
+    let prefix = prefix("dead-node");
+    let (dead, alive) = (redis_store_on(&prefix).await, redis_store_on(&prefix).await);
+    let d = DeviceKey::new("site", "user_1", "phone");
+    dead.connect(&d, &["user_1".into()], None).await.unwrap();
+    let node = dead.node().to_owned();
+    drop(dead);
+    let expiry = Expiry { now: 1_000, ttl_ms: 500 };
+    assert!(alive.sweep(expiry).await.unwrap().is_empty());
+    assert!(alive.device(&d).await.unwrap().unwrap().connected, "its heartbeat has not lapsed yet");
+    let _: () = alive.conn().del(format!("{prefix}:alive:{node}")).await.unwrap();
+    assert!(alive.sweep(expiry).await.unwrap().is_empty(), "disconnected now, not expired yet");
+    let state = alive.device(&d).await.unwrap().unwrap();
+    assert_eq!((state.connected, state.disconnected_at), (false, 1_000));
+    assert_eq!(alive.sweep(Expiry { now: 1_501, ttl_ms: 500 }).await.unwrap(), vec![d]);
+    alive.audit("site").await.unwrap();
+}
+
+/// A store whose Redis is gone answers `Unavailable` within its timeout and reports itself not
+/// open; it never hangs.
+#[tokio::test]
+async fn an_unreachable_redis_fails_fast_and_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis+unix://{}", dir.path().join("nothing.sock").display());
+    let options = RedisOptions {
+        target: Target { urls: vec![url], cluster: false, timeout: Duration::from_millis(500) },
+        prefix: prefix("gone"),
+        wait_replicas: 0,
+    };
+    let store = RedisStore::open(options).await.unwrap();
+    let d = DeviceKey::new("site", "user_1", "phone");
+    let started = std::time::Instant::now();
+    let out = store.connect(&d, &[], None).await;
+    assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+    let out = store
+        .enqueue(
+            "site",
+            vec!["user_1".into()],
+            "[1]".into(),
+            Expiry { now: 0, ttl_ms: 0 },
+            QueueLimits::default(),
+            None,
+        )
+        .await;
+    assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!store.is_open());
+}
+
+/// The conformance store is what `redis_store` gives; this checks the audit itself fails on a
+/// broken count, so that the tests above can fail.
+#[tokio::test]
+async fn the_audit_sees_a_wrong_count() {
+    let store = redis_store().await;
+    let d = DeviceKey::new("site", "user_1", "phone");
+    store.connect(&d, &["user_1".into()], None).await.unwrap();
+    store
+        .enqueue(
+            "site",
+            vec!["user_1".into()],
+            "[1]".into(),
+            Expiry { now: 0, ttl_ms: 0 },
+            QueueLimits::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    store.audit("site").await.unwrap();
+    let _: () = store.conn().hincr(format!("{}:totals", store.tag("site")), "queued_bytes", 1).await.unwrap();
+    assert!(store.audit("site").await.is_err());
+}
+
+#[test]
+fn device_key_parts_come_back_whatever_they_hold() {
+    for (user, device) in [("u", "d"), ("", ""), ("a:1b", "2:c"), ("12:x", ":"), ("ü", "ß")] {
+        assert_eq!(parse_dk(&dk(user, device)), Some((user, device)));
+    }
+    assert_eq!(parse_dk("5:ab"), None);
+}
+
+/// A script given a version that is no longer current writes nothing and says so: the check
+/// every operation relies on across nodes.
+#[tokio::test]
+async fn a_stale_read_is_refused_by_the_script() {
+    let store = redis_store().await;
+    let d = DeviceKey::new("site", "user_1", "phone");
+    store.connect(&d, &["user_1".into()], None).await.unwrap();
+    let tag = store.tag("site");
+    let stale = store.describe(&tag, "user_1", &[]).await.unwrap().version;
+    store.connect(&DeviceKey::new("site", "user_1", "tablet"), &["user_1".into()], None).await.unwrap();
+    let args = ["user_1", "phone", stale.as_str(), r#"{"c":false,"d":5}"#, store.node(), "5"];
+    assert!(is_changed(&store.run(&store.scripts.disconnect, &tag, &args).await.unwrap()));
+    assert!(store.device(&d).await.unwrap().unwrap().connected, "nothing written");
+    let current = store.describe(&tag, "user_1", &[]).await.unwrap().version;
+    let args = ["user_1", "phone", current.as_str(), r#"{"c":false,"d":5}"#, store.node(), "5"];
+    assert!(!is_changed(&store.run(&store.scripts.disconnect, &tag, &args).await.unwrap()));
+    assert!(!store.device(&d).await.unwrap().unwrap().connected);
+    store.audit("site").await.unwrap();
+}
