@@ -101,6 +101,10 @@ fn describe() {
         "Live messages handed between nodes of a Redis store, by direction (sent, received)"
     );
     describe_counter!("sio_push_relay_gaps_total", "Times this node's relay subscription was lost and restored");
+    describe_counter!(
+        "sio_push_relay_missing_total",
+        "Live messages from another node that never came, each reconnecting its socket to get its queue in order"
+    );
     describe_counter!("sio_push_messages_accepted_total", "POST /send requests accepted (200)");
     describe_counter!("sio_push_messages_stored_total", "Message copies stored into device queues");
     describe_counter!("sio_push_messages_delivered_total", "Messages emitted to sockets, by path (live or batch)");
@@ -251,6 +255,11 @@ pub fn relay_notice(direction: &'static str) {
 /// The relay subscription was lost and is back: notices published meanwhile were missed.
 pub fn relay_gap() {
     counter!("sio_push_relay_gaps_total").increment(1);
+}
+
+/// A live message that a later one follows never came from its node.
+pub fn relay_missing() {
+    counter!("sio_push_relay_missing_total").increment(1);
 }
 
 /// A `_resync` was sent.

@@ -13,9 +13,11 @@
 //! node's connect gate and watermark, and it would make `SocketIo` generic over an adapter in
 //! every module. These few lines do what delivery needs.
 //!
-//! Pub/sub is at most once: a notice lost (a node's subscription down for a moment) leaves the
-//! message where every message waits, in the device's queue, for its next connect. A node
-//! counts such gaps (`sio_push_relay_gaps_total`) and logs them.
+//! Pub/sub is at most once: a notice published while a node's subscription is down (Redis
+//! restarting, a network cut) is lost, and its message waits in the device's queue. So when a
+//! node's subscription comes back after a gap, it closes the transport of each of its sockets
+//! whose device has messages queued: the client reconnects, as after a network failure, and
+//! gets them in its `_batch`. A node counts such gaps (`sio_push_relay_gaps_total`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::store::redis::Target;
+use crate::store::redis::{once_more_if_unsent, Target};
 use crate::store::MessageId;
 
 /// Notices waiting for delivery on a node; past it a notice is dropped (the message stays queued).
@@ -49,8 +51,8 @@ pub enum Notice {
         args: Vec<Value>,
         /// Its ack is checked for order.
         resync: bool,
-        /// (user room, device) of each device.
-        devices: Vec<(String, String)>,
+        /// (user room, device, the message it follows in the device's queue) of each device.
+        devices: Vec<(String, String, MessageId)>,
     },
     /// A message of the plain broadcast mode, for every node's sockets in the rooms.
     #[serde(rename = "b")]
@@ -66,6 +68,15 @@ pub enum Notice {
         /// Its arguments.
         args: Vec<Value>,
     },
+}
+
+/// What the relay hands to delivery.
+#[derive(Debug)]
+pub enum Relayed {
+    /// A notice from another node.
+    Notice(Notice),
+    /// The subscription is back after a gap: notices published meanwhile were missed.
+    Resumed,
 }
 
 /// One node's end of the relay.
@@ -89,7 +100,7 @@ impl Relay {
         target: &Target,
         prefix: &str,
         node: &str,
-    ) -> redis::RedisResult<(Self, mpsc::Receiver<Notice>)> {
+    ) -> redis::RedisResult<(Self, mpsc::Receiver<Relayed>)> {
         let publisher = crate::store::redis::Conn::open(target).await?;
         let (tx, rx) = mpsc::channel(BACKLOG);
         let subscribed = Arc::new(AtomicBool::new(false));
@@ -121,13 +132,14 @@ impl Relay {
 
     async fn publish(&self, channel: String, notice: &Notice) -> redis::RedisResult<()> {
         let payload = serde_json::to_string(notice).expect("a notice serializes");
-        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<()>(&mut self.publisher.clone()).await
+        let publish = redis::cmd("PUBLISH").arg(channel).arg(payload).clone();
+        once_more_if_unsent(|| async { publish.query_async::<()>(&mut self.publisher.clone()).await }).await
     }
 }
 
 /// Keeps a subscription up, trying the URLs in turn (any node of a cluster relays every
 /// message), and hands what arrives to `tx`.
-async fn listen(urls: Vec<String>, channels: Vec<String>, tx: mpsc::Sender<Notice>, subscribed: Arc<AtomicBool>) {
+async fn listen(urls: Vec<String>, channels: Vec<String>, tx: mpsc::Sender<Relayed>, subscribed: Arc<AtomicBool>) {
     let mut attempt = 0usize;
     let mut had = false;
     loop {
@@ -143,8 +155,11 @@ async fn listen(urls: Vec<String>, channels: Vec<String>, tx: mpsc::Sender<Notic
         match tokio::time::timeout(Duration::from_secs(5), subscription).await {
             Ok(Ok(pubsub)) => {
                 if had {
-                    tracing::warn!("relay subscription back: messages sent from other nodes meanwhile reach their devices at their next connect");
+                    tracing::warn!("relay subscription back after a gap");
                     crate::metrics::relay_gap();
+                    if tx.send(Relayed::Resumed).await.is_err() {
+                        return;
+                    }
                 }
                 had = true;
                 subscribed.store(true, Ordering::Relaxed);
@@ -152,7 +167,7 @@ async fn listen(urls: Vec<String>, channels: Vec<String>, tx: mpsc::Sender<Notic
                 while let Some(msg) = stream.next().await {
                     match serde_json::from_slice::<Notice>(msg.get_payload_bytes()) {
                         Ok(notice) => {
-                            if tx.try_send(notice).is_err() {
+                            if tx.try_send(Relayed::Notice(notice)).is_err() {
                                 if tx.is_closed() {
                                     return;
                                 }

@@ -26,7 +26,7 @@ use socketioxide::SocketIo;
 
 use crate::callbacks::Callbacks;
 use crate::metrics;
-use crate::relay::{Notice, Relay};
+use crate::relay::{Notice, Relay, Relayed};
 use crate::store::{Ack, DeviceKey, Expiry, Millis, QueueLimits, Resync, Store, StoreError};
 
 pub use self::ack::AckArgs;
@@ -156,9 +156,10 @@ impl Delivery {
 
     /// Joins the other nodes of a shared store: live messages for devices held elsewhere go
     /// through `relay`, and what other nodes send here is delivered to this node's sockets.
-    pub fn with_relay(mut self, relay: Relay, notices: tokio::sync::mpsc::Receiver<Notice>) -> Self {
+    pub fn with_relay(mut self, relay: Relay, notices: tokio::sync::mpsc::Receiver<Relayed>) -> Self {
         let task = tokio::spawn(relayed(
             notices,
+            self.store.clone(),
             self.sockets.clone(),
             self.acks.clone(),
             self.io.clone(),
@@ -245,36 +246,51 @@ async fn record_acks(store: Arc<dyn Store>, sockets: Arc<DeviceSockets>, acks: A
     }
 }
 
-/// Delivers what other nodes relay here to this node's sockets, as a local send would.
+/// Delivers what other nodes relay here to this node's sockets, as a local send would. After a
+/// gap in the relay, sockets of devices with queued messages reconnect to get them (see `relay`).
 async fn relayed(
-    mut notices: tokio::sync::mpsc::Receiver<Notice>,
+    mut notices: tokio::sync::mpsc::Receiver<Relayed>,
+    store: Arc<dyn Store>,
     sockets: Arc<DeviceSockets>,
     acks: Arc<Acks>,
     io: SocketIo,
     node: String,
 ) {
-    while let Some(notice) = notices.recv().await {
-        match notice {
-            Notice::Message { site, id, event, args, resync, devices } => {
+    while let Some(relayed) = notices.recv().await {
+        match relayed {
+            Relayed::Notice(Notice::Message { site, id, event, args, resync, devices }) => {
                 metrics::relay_notice("received");
                 let item = Item::Message(Arc::new(LiveMessage { id, event: event.into(), args, resync }));
-                for (user, device) in devices {
+                for (user, device, follows) in devices {
                     let dev = DeviceKey::new(&site, &user, &device);
                     if let Offered::Failed(socket, e) =
-                        sockets.offer(&dev, &item, |s| emit::emit(&acks, s, &dev, &item))
+                        sockets.offer(&dev, &item, Some(follows), |s, item| emit::emit(&acks, s, &dev, item))
                     {
                         emit::emit_failed(socket, &dev, &e);
                     }
                 }
             }
-            Notice::Broadcast { from, site, rooms, event, args } if from != node => {
+            Relayed::Notice(Notice::Broadcast { from, site, rooms, event, args }) if from != node => {
                 if let Some(ns) = io.of(format!("/{site}")) {
                     if let Err(e) = ns.to(rooms).emit(&event, &emit::Spread(&args)).await {
                         tracing::warn!(site = %site, error.message = %e, "relayed broadcast failed");
                     }
                 }
             }
-            Notice::Broadcast { .. } => {}
+            Relayed::Notice(Notice::Broadcast { .. }) => {}
+            Relayed::Resumed => {
+                let mut reconnected = 0;
+                for dev in sockets.devices() {
+                    // Unknown (the store failing again): reconnect too, the safe side.
+                    if store.device(&dev).await.map_or(true, |d| d.is_some_and(|d| d.queue_len > 0)) {
+                        reconnected += sockets.close_transports(&dev);
+                    }
+                }
+                tracing::warn!(
+                    sockets = reconnected,
+                    "after a gap in the relay: sockets of devices with queued messages reconnect to get them"
+                );
+            }
         }
     }
 }
@@ -291,7 +307,7 @@ async fn deliver_resync(store: Arc<dyn Store>, sockets: Arc<DeviceSockets>, acks
     tokio::time::sleep(RESYNC_GRACE).await;
     let dev = &resync.device;
     let item = Item::Resync(resync.seq);
-    let told = match sockets.offer(dev, &item, |socket| emit::emit(&acks, socket, dev, &item)) {
+    let told = match sockets.offer(dev, &item, None, |socket, item| emit::emit(&acks, socket, dev, item)) {
         Offered::Sent => {
             resync_sent(&*store, dev, resync.seq).await;
             "sent"

@@ -1,6 +1,6 @@
 //! `POST /send`'s side: store a message durably, then emit it to the live sockets of its devices.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::emit::{self, Item, LiveMessage, Spread};
@@ -9,7 +9,7 @@ use super::{forgotten, Delivery, Message, SendError, Sent};
 use crate::config::SiteConfig;
 use crate::metrics;
 use crate::relay::Notice;
-use crate::store::{DeviceKey, Idempotency, Replay, StoreError};
+use crate::store::{DeviceKey, Idempotency, MessageId, Replay, StoreError};
 
 impl Delivery {
     /// Delivers a message per PROTOCOL.md: queued and emitted in reliable mode, broadcast
@@ -73,6 +73,7 @@ impl Delivery {
         let stored = out.devices.len();
         metrics::stored(&site.name, stored as u64);
         let Message { event, args, resync, .. } = msg;
+        let follows: HashMap<&DeviceKey, MessageId> = out.devices.iter().zip(out.follows.iter().copied()).collect();
         let mut live = 0;
         if let Some((relay, _)) = &self.relay {
             for (node, devices) in &out.elsewhere {
@@ -82,7 +83,10 @@ impl Delivery {
                     event: event.clone(),
                     args: args.clone(),
                     resync,
-                    devices: devices.iter().map(|d| (d.user.to_string(), d.device.to_string())).collect(),
+                    devices: devices
+                        .iter()
+                        .map(|d| (d.user.to_string(), d.device.to_string(), follows.get(d).copied().unwrap_or(0)))
+                        .collect(),
                 };
                 match relay.to_node(node, &notice).await {
                     Ok(()) => {
@@ -99,7 +103,8 @@ impl Delivery {
         let message = Arc::new(LiveMessage { id: out.id, event: event.into(), args, resync });
         let item = Item::Message(message.clone());
         for dev in out.devices.iter().filter(|dev| !elsewhere.contains(dev)) {
-            match self.sockets.offer(dev, &item, |socket| emit::emit(&self.acks, socket, dev, &item)) {
+            let follows = follows.get(dev).copied();
+            match self.sockets.offer(dev, &item, follows, |socket, item| emit::emit(&self.acks, socket, dev, item)) {
                 Offered::Sent | Offered::Held => live += 1,
                 Offered::Skipped | Offered::NoSocket => {}
                 Offered::Failed(socket, e) => emit::emit_failed(socket, dev, &e),

@@ -175,6 +175,10 @@ pub struct Enqueued {
     /// A store shared by several nodes: the devices among `devices` whose newest socket is on
     /// another node, by node, for that node to emit the message live. Empty otherwise.
     pub elsewhere: Vec<(String, Vec<DeviceKey>)>,
+    /// A store shared by several nodes: for each of `devices`, the newest message its queue held
+    /// before this one (0: none), so that the node holding its socket emits them in order (a
+    /// message from another node may come after a newer one). Empty otherwise.
+    pub follows: Vec<MessageId>,
 }
 
 /// What a device learns when it connects.

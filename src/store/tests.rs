@@ -591,6 +591,14 @@ macro_rules! conformance {
                 super::$case(super::redis_store().await).await;
             })*
         }
+        /// Each case on its own key prefix of one 3-primary Redis Cluster started for the test
+        /// process: the prefix's sites hash to different primaries.
+        mod redis_cluster {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::redis_cluster_store().await).await;
+            })*
+        }
         /// A checkpoint begun after every round: reads go through the changes it is giving sled.
         mod sled_checkpointing {
             $(#[tokio::test]
@@ -603,54 +611,146 @@ macro_rules! conformance {
     };
 }
 
-/// A `redis-server` of Debian's package for this test process, on a Unix socket in a temporary
-/// directory: `REDIS_SERVER` names another binary. It stops with the process (its parent-death
-/// signal is tied to a thread that lives as long as the process).
+/// Starts `binary` with `args`, tied to the test process: its parent-death signal is tied to a
+/// thread that lives as long as the process, so it stops with it. `REDIS_SERVER` names another
+/// binary than Debian's `redis-server`.
+fn spawn_redis(args: Vec<std::ffi::OsString>) {
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut command = std::process::Command::new(&binary);
+        command.args(&args).stdout(std::process::Stdio::null());
+        // SAFETY: prctl is async-signal-safe; it only sets a flag of the child.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {binary} (install Debian's redis-server, or run scripts/test.sh): {e}")
+        });
+        let _ = child.wait();
+    });
+}
+
+/// Waits (bounded) until `ready` holds.
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not come up within 10 s");
+}
+
+/// A `redis-server` for this test process, on a Unix socket in a temporary directory.
 pub(crate) fn redis_socket() -> &'static std::path::Path {
     static SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     SOCKET.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::os::unix::process::CommandExt;
-            let dir = tempfile::tempdir().unwrap().keep();
-            let socket = dir.join("redis.sock");
-            let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-            let mut command = std::process::Command::new(&binary);
-            command
-                .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
-                .arg(&socket)
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(std::process::Stdio::null());
-            // SAFETY: prctl is async-signal-safe; it only sets a flag of the child.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = command.spawn().unwrap_or_else(|e| {
-                panic!("cannot start {binary} (install Debian's redis-server, or run scripts/test.sh): {e}")
-            });
-            for _ in 0..500 {
-                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            tx.send(socket).unwrap();
-            // Lives as long as the process; the parent-death signal stops the server with it.
-            let _ = child.wait();
-        });
-        rx.recv().expect("the redis-server thread answers")
+        let dir = tempfile::tempdir().unwrap().keep();
+        let socket = dir.join("redis.sock");
+        let mut args: Vec<std::ffi::OsString> =
+            ["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"].map(Into::into).into();
+        args.extend([socket.clone().into(), "--dir".into(), dir.into()]);
+        spawn_redis(args);
+        wait_for("redis-server", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+        socket
     })
+}
+
+/// A Redis Cluster of three primaries (no replicas) for this test process, on loopback ports:
+/// the URLs of its nodes.
+pub(crate) fn redis_cluster_urls() -> &'static [String] {
+    static URLS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    URLS.get_or_init(|| {
+        let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let dir = tempfile::tempdir().unwrap().keep();
+            let (port_s, bus_s) = (port.to_string(), bus.to_string());
+            let mut args: Vec<std::ffi::OsString> = [
+                "--port",
+                &port_s,
+                "--cluster-port",
+                &bus_s,
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "5000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(Into::into)
+            .into();
+            args.extend([
+                "--dir".into(),
+                dir.join("").into(),
+                "--cluster-config-file".into(),
+                dir.join("nodes.conf").into(),
+            ]);
+            spawn_redis(args);
+            nodes.push(format!("127.0.0.1:{port}"));
+        }
+        for node in &nodes {
+            wait_for("a cluster node", || std::net::TcpStream::connect(node).is_ok());
+        }
+        let cli = std::env::var("REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+        let out = std::process::Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cli} (install Debian's redis-tools): {e}"));
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}/")).collect();
+        for url in &urls {
+            wait_for("the cluster", || {
+                let info: Option<String> = ::redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| ::redis::cmd("CLUSTER").arg("INFO").query(&mut c))
+                    .ok();
+                info.is_some_and(|i| i.contains("cluster_state:ok"))
+            });
+        }
+        urls
+    })
+}
+
+/// A store on the test Redis Cluster, under a key prefix of its own.
+pub(crate) async fn redis_cluster_store() -> RedisStore {
+    redis_cluster_store_on(&next_prefix()).await
+}
+
+/// Another node on the test Redis Cluster: stores opened with one prefix share their data.
+pub(crate) async fn redis_cluster_store_on(prefix: &str) -> RedisStore {
+    let options = RedisOptions {
+        target: super::redis::Target {
+            urls: redis_cluster_urls().to_vec(),
+            cluster: true,
+            timeout: Duration::from_secs(5),
+        },
+        prefix: prefix.to_owned(),
+        wait_replicas: 0,
+    };
+    RedisStore::open(options).await.unwrap()
+}
+
+fn next_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test{}-{n}", std::process::id())
 }
 
 /// A store on the test `redis-server`, under a key prefix of its own.
 pub(crate) async fn redis_store() -> RedisStore {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    redis_store_on(&format!("test{}-{n}", std::process::id())).await
+    redis_store_on(&next_prefix()).await
 }
 
 /// Another node on the test `redis-server`: stores opened with one prefix share their data.

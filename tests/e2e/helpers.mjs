@@ -1,10 +1,10 @@
 // Test harness: the real sio-push binary, a real HTTP mock of the customer's website, and real
 // socket.io clients (2.x and 4.x). Every wait is bounded.
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
 import http from "node:http";
 import net from "node:net";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -135,6 +135,75 @@ export async function startRedis(args = []) {
   return redis.start();
 }
 
+/** A free loopback port (for servers that cannot report one they picked). */
+export function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * A Redis Cluster of three primaries (Debian's redis-server with `--cluster-enabled yes`, joined
+ * by `redis-cli --cluster create`) on loopback ports; stopped when this process exits. `urls` is
+ * what `[store] redis_url` takes with `redis_cluster = true`; `cli(...args)` runs redis-cli
+ * against the first node (with `-c`, following redirections).
+ */
+export async function startRedisCluster() {
+  const dir = mkdtempSync(path.join(tmpdir(), "sio-push-redis-cluster-"));
+  const nodes = [];
+  for (let i = 0; i < 3; i++) {
+    const [port, bus] = [await freePort(), await freePort()];
+    const own = path.join(dir, `n${i}`);
+    mkdirSync(own);
+    const child = spawn("redis-server", [
+      "--port", String(port), "--cluster-port", String(bus), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+      "--cluster-config-file", path.join(own, "nodes.conf"), "--dir", own, "--save", "", "--appendonly", "no",
+    ], { stdio: "ignore" });
+    child.unref();
+    nodes.push({ port, child });
+  }
+  process.on("exit", () => {
+    for (const n of nodes) n.child.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const cli = (port, ...args) => execFileSync("redis-cli", ["-p", String(port), ...args], { encoding: "utf8" }).trim();
+  await within((async () => {
+    for (const n of nodes) {
+      while (!(await new Promise((r) => net.connect(n.port, "127.0.0.1").on("connect", function () { this.destroy(); r(true); }).on("error", () => r(false))))) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  })(), "the cluster's redis-servers to start", 10000);
+  execFileSync("redis-cli", ["--cluster", "create", ...nodes.map((n) => `127.0.0.1:${n.port}`), "--cluster-replicas", "0", "--cluster-yes"], { stdio: "ignore" });
+  await within((async () => {
+    while (!nodes.every((n) => cli(n.port, "cluster", "info").includes("cluster_state:ok"))) await new Promise((r) => setTimeout(r, 50));
+  })(), "the cluster to be ok", 15000);
+  return {
+    nodes,
+    urls: nodes.map((n) => `redis://127.0.0.1:${n.port}/`).join(","),
+    /** The keys matching `pattern` on the node at `port`. */
+    keysOn: (port, pattern) => cli(port, "--scan", "--pattern", pattern).split("\n").filter(Boolean),
+    /** The port of the primary holding `key`'s hash slot. */
+    primaryOf(key) {
+      const slot = Number(cli(nodes[0].port, "cluster", "keyslot", key));
+      const owner = nodes.find((n) => ownsSlot(cli(n.port, "cluster", "nodes"), slot));
+      return owner.port;
+    },
+  };
+}
+
+/** Whether the `myself` line of CLUSTER NODES lists `slot`. */
+function ownsSlot(clusterNodes, slot) {
+  const me = clusterNodes.split("\n").find((l) => l.includes("myself"));
+  return me.split(" ").slice(8).some((range) => {
+    const [a, b = a] = range.split("-").map(Number);
+    return slot >= a && slot <= b;
+  });
+}
+
 /** Whether a Redis answers PING on the Unix socket. */
 function answers(socket) {
   return new Promise((resolve) => {
@@ -211,7 +280,7 @@ export function joinNodes(nodes) {
   return server;
 }
 
-async function startNode(env, { dataDir, command, cwd, args: extraArgs = [] } = {}) {
+export async function startNode(env, { dataDir, command, cwd, args: extraArgs = [] } = {}) {
   const own = !command;
   if (own) dataDir ??= mkdtempSync(path.join(tmpdir(), "sio-push-e2e-"));
   const [program, ...args] = command ?? [BIN, "serve", ...extraArgs];
@@ -322,13 +391,15 @@ export function busyWebsite(server, { site = "shop", apiKey = "secret-key", conn
  * A socket.io client of `version`, connected to `/<site>?token=..&deviceId=..&meta=..` the way
  * the old service's README shows. Records every event as [event, ...args, ack?].
  */
-export function client(version, server, { site = "shop", token, deviceId, meta, transports, extraHeaders, ca } = {}) {
+export function client(version, server, { site = "shop", token, deviceId, meta, transports, extraHeaders, ca, reconnect = false } = {}) {
   const q = new URLSearchParams();
   if (token !== undefined) q.set("token", token);
   if (deviceId !== undefined) q.set("deviceId", deviceId);
   if (meta !== undefined) q.set("meta", meta);
   const url = `${server.url}/${site}?${q}`;
-  const opts = { forceNew: true, reconnection: false, ...(transports ? { transports } : {}), ...(extraHeaders ? { extraHeaders } : {}), ...(ca ? { ca } : {}) };
+  // `reconnect`: as an app would, retry every 100-500 ms after a lost connection.
+  const retry = reconnect ? { reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 500, randomizationFactor: 0 } : { reconnection: false };
+  const opts = { forceNew: true, ...retry, ...(transports ? { transports } : {}), ...(extraHeaders ? { extraHeaders } : {}), ...(ca ? { ca } : {}) };
   const socket = clients[version](url, opts);
   // `listeners` see every event as it arrives (to ack it, say), after it is recorded.
   const c = { socket, version, events: [], waiters: [], listeners: [] };

@@ -100,3 +100,24 @@ impl Conn {
         }
     }
 }
+
+/// Runs `op`, and once more if it failed before reaching Redis: the first command on a connection
+/// that Redis closed (a restart) fails with a broken pipe, and the connection reconnects for the
+/// next. An error after the command was sent is returned as is: it may have been carried out.
+pub async fn once_more_if_unsent<T, F, Fut>(mut op: F) -> RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = RedisResult<T>>,
+{
+    match op().await {
+        Err(e) if unsent(&e) => op().await,
+        other => other,
+    }
+}
+
+fn unsent(e: &redis::RedisError) -> bool {
+    // The crate does not expose the io::Error's kind; its message is that of the kind.
+    let text = e.to_string().to_lowercase();
+    e.is_connection_refusal()
+        || (e.kind() == redis::ErrorKind::Io && (text.contains("broken pipe") || text.contains("not connected")))
+}

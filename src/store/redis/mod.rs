@@ -41,7 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::{AsyncCommands, Script, Value};
 
-pub use self::conn::{Conn, Target};
+pub use self::conn::{once_more_if_unsent, Conn, Target};
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
     Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
@@ -272,7 +272,7 @@ impl RedisStore {
         for a in args {
             call.arg(*a);
         }
-        let out = call.invoke_async(&mut self.conn()).await;
+        let out = once_more_if_unsent(|| async { call.invoke_async(&mut self.conn()).await }).await;
         self.healthy.store(out.is_ok(), Ordering::Relaxed);
         out.map_err(unavailable)
     }
@@ -650,7 +650,9 @@ impl Store for RedisStore {
             if let Some(idem) = &idempotency {
                 pipe.hget(format!("{tag}:k"), &idem.key);
             }
-            let mut read: Vec<Value> = pipe.query_async(&mut self.conn()).await.map_err(unavailable)?;
+            let mut read: Vec<Value> = once_more_if_unsent(|| async { pipe.query_async(&mut self.conn()).await })
+                .await
+                .map_err(unavailable)?;
             let key_read = match &idempotency {
                 Some(idem) => {
                     let raw = text(&read.pop().unwrap_or(Value::Nil));
@@ -706,8 +708,8 @@ impl Store for RedisStore {
                 args.extend([*user, device.as_str(), node.as_str()]);
             }
             args.push(&counts[2]);
-            for (user, device, _) in &queue {
-                args.extend([*user, device.as_str()]);
+            for (user, device, node) in &queue {
+                args.extend([*user, device.as_str(), if node.is_empty() { "" } else { "1" }]);
             }
             let reply = self.run(&self.scripts.enqueue, &tag, &args).await?;
             if is_changed(&reply) {
@@ -722,8 +724,11 @@ impl Store for RedisStore {
                     elsewhere.entry(node.as_str()).or_default().push(dev.clone());
                 }
             }
-            let overflowed =
-                reply[2..].chunks_exact(2).map(|p| (devices[number(&p[0]) as usize].clone(), number(&p[1]))).collect();
+            let follows: Vec<MessageId> = reply[2..2 + queue.len()].iter().map(number).collect();
+            let overflowed = reply[2 + queue.len()..]
+                .chunks_exact(2)
+                .map(|p| (devices[number(&p[0]) as usize].clone(), number(&p[1])))
+                .collect();
             return Ok(Enqueued {
                 id: number(&reply[1]),
                 expired: forget.iter().map(|(u, d, _)| DeviceKey::new(site, u, d)).collect(),
@@ -731,6 +736,7 @@ impl Store for RedisStore {
                 overflowed,
                 replay: None,
                 elsewhere: elsewhere.into_iter().map(|(node, devs)| (node.to_owned(), devs)).collect(),
+                follows,
             });
         }
         Err(contended())

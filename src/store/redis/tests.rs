@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use redis::AsyncCommands;
 
 use super::*;
-use crate::store::tests::{redis_store, redis_store_on};
+use crate::store::tests::{redis_cluster_store_on, redis_cluster_urls, redis_store, redis_store_on};
 
 impl RedisStore {
     /// Recounts one site from its keys and compares with what the scripts keep: the totals, each
@@ -103,8 +103,8 @@ fn prefix(name: &str) -> String {
     format!("test{}-{name}", std::process::id())
 }
 
-fn devs(n: usize) -> Vec<DeviceKey> {
-    (0..n).map(|i| DeviceKey::new("site", &format!("user_{}", i % 7), &format!("d{i}"))).collect()
+fn devs(site: &str, n: usize) -> Vec<DeviceKey> {
+    (0..n).map(|i| DeviceKey::new(site, &format!("user_{}", i % 7), &format!("d{i}"))).collect()
 }
 
 /// Two nodes send, ack, clear, connect and disconnect at once on one site, round after round:
@@ -113,13 +113,62 @@ fn devs(n: usize) -> Vec<DeviceKey> {
 async fn two_nodes_changing_one_site_at_once_keep_it_exact() {
     let prefix = prefix("two-nodes");
     let nodes = [redis_store_on(&prefix).await, redis_store_on(&prefix).await];
-    let devs = devs(20);
+    change_at_once(&nodes, "site", 40).await;
+}
+
+/// The same on a Redis Cluster of three primaries, on three sites at once whose hash slots are
+/// on different primaries: the scripts find every key of a site on its slot's primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_a_redis_cluster_keep_every_site_exact() {
+    let prefix = prefix("cluster");
+    let nodes = [redis_cluster_store_on(&prefix).await, redis_cluster_store_on(&prefix).await];
+    let sites = sites_on_each_primary(&prefix).await;
+    futures_util::future::join_all(sites.iter().map(|site| change_at_once(&nodes, site, 15))).await;
+    for url in redis_cluster_urls() {
+        let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = conn.keys(format!("{{{prefix}:*")).await.unwrap();
+        assert!(!keys.is_empty(), "{url} holds none of the sites");
+    }
+}
+
+/// A site name for each primary of the test cluster, whose keys under `prefix` it holds.
+async fn sites_on_each_primary(prefix: &str) -> Vec<String> {
+    let mut conn = redis::Client::open(redis_cluster_urls()[0].as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // [[first slot, last slot, [host, port, ..], ..], ..]: the primary's port names it.
+    let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await.unwrap();
+    let owner = |slot: i64| {
+        ranges.iter().find_map(|r| {
+            let (first, last) = (number(&r[0]) as i64, number(&r[1]) as i64);
+            (first..=last).contains(&slot).then(|| format!("{:?}", items(r[2].clone()).get(1)))
+        })
+    };
+    let mut found = BTreeMap::new();
+    for n in 0..200 {
+        let site = format!("site{n}");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{{{prefix}:{site}}}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        found.entry(owner(slot).expect("every slot has a primary")).or_insert(site);
+    }
+    assert_eq!(found.len(), 3, "three primaries");
+    found.into_values().collect()
+}
+
+async fn change_at_once(nodes: &[RedisStore; 2], site: &str, rounds: usize) {
+    let devs = devs(site, 20);
     for (i, d) in devs.iter().enumerate() {
         nodes[i % 2].connect(d, &[d.user.to_string(), "staff".into()], None).await.unwrap();
     }
     let users: Vec<String> = (0..7).map(|i| format!("user_{i}")).collect();
     let now = Expiry { now: 0, ttl_ms: 0 };
-    for round in 0..40usize {
+    for round in 0..rounds {
         let limits = QueueLimits { max_len: 6, max_bytes: 1 << 20 };
         let sends = (0..20).map(|i| {
             let (node, users) = (&nodes[i % 2], users[..(i % 7) + 1].to_vec());
@@ -127,7 +176,7 @@ async fn two_nodes_changing_one_site_at_once_keep_it_exact() {
                 // Several in a row, so that sends overlap the other changes, not only precede them.
                 for n in 0..3 {
                     let entry = format!("[\"e{}\",{round},{n}]", (i + n) % 3);
-                    node.enqueue("site", users.clone(), entry.into(), now, limits, None).await.unwrap();
+                    node.enqueue(site, users.clone(), entry.into(), now, limits, None).await.unwrap();
                 }
             }
         });
@@ -158,10 +207,10 @@ async fn two_nodes_changing_one_site_at_once_keep_it_exact() {
             }
         });
         futures_util::future::join(futures_util::future::join_all(sends), futures_util::future::join_all(others)).await;
-        nodes[0].audit("site").await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        nodes[0].audit(site).await.unwrap_or_else(|e| panic!("{site} round {round}: {e}"));
     }
     let stats = nodes[1].stats().await.unwrap();
-    assert_eq!(stats["site"].devices, 20);
+    assert_eq!(stats[site].devices, 20);
 }
 
 /// The newest socket of a device wins across nodes: the older node's disconnect changes nothing.
@@ -284,4 +333,34 @@ async fn a_stale_read_is_refused_by_the_script() {
     assert!(!is_changed(&store.run(&store.scripts.disconnect, &tag, &args).await.unwrap()));
     assert!(!store.device(&d).await.unwrap().unwrap().connected);
     store.audit("site").await.unwrap();
+}
+
+/// For a connected device, each message names the newest one its queue held before it (what
+/// the node holding its socket waits for); a disconnected device's messages name none.
+#[tokio::test]
+async fn each_message_names_the_one_it_follows_for_connected_devices() {
+    let store = redis_store().await;
+    let (on, off) = (DeviceKey::new("site", "user_1", "on"), DeviceKey::new("site", "user_1", "off"));
+    store.connect(&on, &["user_1".into()], None).await.unwrap();
+    store.connect(&off, &["user_1".into()], None).await.unwrap();
+    store.disconnect(&off, 1).await.unwrap();
+    let now = Expiry { now: 2, ttl_ms: 0 };
+    let mut previous = 0;
+    for n in 0..5 {
+        let out = store
+            .enqueue("site", vec!["user_1".into()], format!("[\"e\",{n}]").into(), now, QueueLimits::default(), None)
+            .await
+            .unwrap();
+        let follows: BTreeMap<&DeviceKey, MessageId> = out.devices.iter().zip(out.follows.iter().copied()).collect();
+        assert_eq!((follows[&on], follows[&off]), (previous, 0), "message {n}");
+        previous = out.id;
+    }
+    let acked = store.pending(&on).await.unwrap().last().unwrap().id;
+    store.acks(vec![Ack::Batch { device: on.clone(), ids: vec![acked] }]).await.unwrap();
+    let out = store
+        .enqueue("site", vec!["user_1".into()], "[\"e\"]".into(), now, QueueLimits::default(), None)
+        .await
+        .unwrap();
+    let at = out.devices.iter().position(|d| *d == on).unwrap();
+    assert!(out.follows[at] < acked, "the newest still queued");
 }

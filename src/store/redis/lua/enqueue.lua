@@ -1,7 +1,9 @@
 -- enqueue: ARGV = tag, queued-at, event, size, entry, max_len, max_bytes, idempotency key ('' for
 -- none), its record as read ('' if none), its new record, its expiry, then counted lists:
--- (user, version) pairs read, (user, device, node) triples to forget, (user, device) pairs to
--- queue for. Returns 'ok', the id, then (index in the queue list, messages dropped) pairs.
+-- (user, version) pairs read, (user, device, node) triples to forget, (user, device, connected)
+-- triples to queue for. Returns 'ok', the id, for each device queued for the newest id its queue
+-- held before ('0': none; only for a connected device, else '0'), then (index in the queue list,
+-- messages dropped) pairs.
 local at, event, size, entry = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local max_len, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
 local key, key_read, key_new, key_expires = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -33,10 +35,13 @@ if shared then
 end
 local value = (shared and 's' or 'i') .. size .. ',' .. at .. ',' .. #event .. ':' .. event .. (shared and '' or entry)
 local out = {'ok', id}
+local dropped_at = {}
 for n = 0, count - 1 do
   local dkey = dk(ARGV[i], ARGV[i + 1])
-  i = i + 2
+  local connected = ARGV[i + 2] ~= ''
+  i = i + 3
   local q = T .. ':q:' .. dkey
+  table.insert(out, connected and (redis.call('ZRANGE', q, -1, -1)[1] or '0') or '0')
   redis.call('ZADD', q, id, id)
   redis.call('HSET', T .. ':qv:' .. dkey, id, value)
   redis.call('ZADD', T .. ':e:' .. dkey .. event, id, id)
@@ -54,9 +59,10 @@ for n = 0, count - 1 do
   end
   if dropped > 0 then
     redis.call('HSET', T .. ':of', dkey, '1')
-    table.insert(out, n)
-    table.insert(out, dropped)
+    table.insert(dropped_at, n)
+    table.insert(dropped_at, dropped)
   end
 end
 for user in pairs(touched) do bump(user) end
+for _, v in ipairs(dropped_at) do table.insert(out, v) end
 return out
