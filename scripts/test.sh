@@ -52,6 +52,7 @@ echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
 echo "== load generator smoke run (correctness only; figures are in BENCHMARKS.md)"
 cargo build --locked --release -p sio-push-bench
 target/release/sio-push-bench smoke --server-bin target/release/sio-push
+target/release/sio-push-bench smoke --server-bin target/release/sio-push --redis-nodes 2
 
 echo "== fuzzing the /send body and config parsers (a short run; scripts/fuzz.sh SECS for longer)"
 scripts/fuzz.sh 20

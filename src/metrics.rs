@@ -100,6 +100,10 @@ fn describe() {
         "sio_push_relay_notices_total",
         "Live messages handed between nodes of a Redis store, by direction (sent, received)"
     );
+    describe_counter!(
+        "sio_push_redis_round_trips_total",
+        "Requests to Redis (one command or one pipeline each) made by this node"
+    );
     describe_counter!("sio_push_relay_gaps_total", "Times this node's relay subscription was lost and restored");
     describe_counter!(
         "sio_push_relay_missing_total",
@@ -255,6 +259,11 @@ pub fn relay_notice(direction: &'static str) {
 /// The relay subscription was lost and is back: notices published meanwhile were missed.
 pub fn relay_gap() {
     counter!("sio_push_relay_gaps_total").increment(1);
+}
+
+/// A request (a command or a pipeline) went to Redis.
+pub fn redis_round_trip() {
+    counter!("sio_push_redis_round_trips_total").increment(1);
 }
 
 /// A live message that a later one follows never came from its node.

@@ -74,6 +74,12 @@ pub fn render(status: &Status) -> String {
         "\nsio-push {}: {} accepted, {} stored, {} delivered, {} acked since start",
         status.version, t.accepted, t.stored, t.delivered, t.acked
     );
+    if let Some(node) = &status.node {
+        let _ = writeln!(
+            out,
+            "node {node} of several on Redis: DEVICES, CONNECTED and QUEUED are the service's, SOCKETS and the counts since start this node's"
+        );
+    }
     out
 }
 

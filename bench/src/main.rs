@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::client::{Client, Received};
-use crate::server::{own_cpu, Server};
+use crate::server::{own_cpu, RedisWork, Server, Store};
 
 #[derive(Parser)]
 #[command(name = "sio-push-bench", about = "Load generator for sio-push")]
@@ -56,7 +56,7 @@ enum Scenario {
     /// The store alone, filled with N devices, K messages queued on each and N idempotency keys:
     /// what `/metrics` (the store's totals) and the sweep cost its writer.
     Store(StoreArgs),
-    /// Both, small, checking only correctness (for the test suite).
+    /// Each, small, checking only correctness (for the test suite); `restart` only on sled.
     Smoke(Common),
 }
 
@@ -68,6 +68,14 @@ struct Common {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Run this many nodes on one Redis (a `redis-server` started here) instead of one on
+    /// sled. Clients connect to the nodes in turn; a message for a client is posted to
+    /// another node than the client's (`connect`, `unicast`, `fanout`, `replay`).
+    #[arg(long, default_value_t = 0)]
+    redis_nodes: usize,
+    /// With `--redis-nodes`: Redis's `appendfsync` (`always` gives the sled promise).
+    #[arg(long, default_value = "always", value_parser = ["always", "everysec"])]
+    redis_fsync: String,
 }
 
 impl Common {
@@ -75,6 +83,43 @@ impl Common {
     fn limit(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
+
+    fn store(&self) -> Store {
+        match self.redis_nodes {
+            0 => Store::Sled,
+            nodes => Store::Redis { nodes, fsync_always: self.redis_fsync == "always" },
+        }
+    }
+
+    async fn start(&self) -> anyhow::Result<Server> {
+        Server::start(&self.server_bin, self.store()).await
+    }
+
+    /// Scenarios that restart or measure one data dir run on sled only.
+    fn sled_only(&self, scenario: &str) -> anyhow::Result<()> {
+        if self.redis_nodes > 0 {
+            bail!("{scenario} measures sled's data dir: it does not take --redis-nodes");
+        }
+        Ok(())
+    }
+}
+
+/// Adds Redis's figures since `before` (if the server runs on Redis), per `units` `unit`s.
+async fn add_redis_work(
+    figures: &mut serde_json::Value,
+    server: &Server,
+    http: &reqwest::Client,
+    before: Option<RedisWork>,
+    units: usize,
+    unit: &str,
+) -> anyhow::Result<()> {
+    if let (Some(before), Some(after)) = (before, server.redis_work(http).await?) {
+        let extra = after.per(&before, units, unit);
+        let out = figures.as_object_mut().expect("an object");
+        out.insert("nodes".into(), server.node_count().into());
+        out.extend(extra.as_object().cloned().expect("an object"));
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -182,7 +227,9 @@ async fn main() -> anyhow::Result<()> {
             run("unicast", limit, unicast(&common, 50, 1000, 20)).await?;
             run("fanout", limit, fanout(&common, 50, 5)).await?;
             run("replay", limit, replay(&common, 20, 10)).await?;
-            run("restart", limit, restart(&common, 20, 10)).await?;
+            if common.redis_nodes == 0 {
+                run("restart", limit, restart(&common, 20, 10)).await?;
+            }
             println!("smoke: every message arrived exactly once");
             Ok(())
         }
@@ -270,7 +317,7 @@ async fn open_clients(
             let received = received.clone();
             async move {
                 let started = Instant::now();
-                let client = Client::connect(server.addr, "bench", *i, received).await?;
+                let client = Client::connect(server.addr_for(*i), "bench", *i, received).await?;
                 anyhow::Ok((client, started.elapsed()))
             }
         }))
@@ -289,7 +336,9 @@ async fn connect(
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    let server = common.start().await?;
+    let http = reqwest::Client::new();
+    let redis_before = server.redis_work(&http).await?;
     let (rss_before, cpu_before, threads_before) =
         (server.rss_kib()?, server.cpu_secs()?, server.cpu_secs_by_thread()?);
     let own_before = own_cpu()?;
@@ -302,7 +351,7 @@ async fn connect(
     let threads = cpu_by_thread_since(&threads_before, &server.cpu_secs_by_thread()?);
     let own = (own_cpu()? - own_before).total(); // its clients and the mock auth endpoint
     times.sort();
-    let figures = json!({
+    let mut figures = json!({
         "clients": n,
         "connect_concurrency": concurrency,
         "connects_per_sec": (n as f64 / elapsed.as_secs_f64()).round(),
@@ -315,6 +364,7 @@ async fn connect(
         "server_cpu_secs_by_thread": threads,
         "generator_cpu_secs": secs(own),
     });
+    add_redis_work(&mut figures, &server, &http, redis_before, n, "connect").await?;
     drop(clients);
     server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
@@ -326,10 +376,11 @@ async fn unicast(
     m: usize,
     concurrency: usize,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    let server = common.start().await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let redis_before = server.redis_work(&http).await?;
     let (cpu_before, threads_before) = (server.cpu()?, server.cpu_secs_by_thread()?);
     let (own_before, rss_before) = (own_cpu()?, server.rss_kib()?);
     let started = Instant::now();
@@ -345,7 +396,7 @@ async fn unicast(
                 }
                 *sent_at[i].lock().unwrap() = Some(Instant::now());
                 let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
-                server.send(&http, &body).await?;
+                server.send_for(&http, i % n, &body).await?;
             }
         });
         let posting = futures_util::future::try_join_all(senders);
@@ -386,7 +437,7 @@ async fn unicast(
     let (own, rss_after) = (own_cpu()? - own_before, server.rss_kib()?);
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     latencies.sort();
-    let figures = json!({
+    let mut figures = json!({
         "clients": n,
         "messages": m,
         "posts_in_flight": concurrency,
@@ -406,6 +457,7 @@ async fn unicast(
         "lost": m - counts.len(),
         "duplicates": duplicates,
     });
+    add_redis_work(&mut figures, &server, &http, redis_before, m, "message").await?;
     drop(clients);
     server.stop().await?;
     if duplicates > 0 {
@@ -419,10 +471,11 @@ async fn fanout(
     n: usize,
     rounds: usize,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    let server = common.start().await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
     let http = reqwest::Client::new();
+    let redis_before = server.redis_work(&http).await?;
     let (cpu_before, threads_before) = (server.cpu()?, server.cpu_secs_by_thread()?);
     let own_before = own_cpu()?;
     let started = Instant::now();
@@ -430,7 +483,7 @@ async fn fanout(
     for round in 0..rounds {
         let posted = Instant::now();
         let body = json!({ "rooms": ["all"], "event": "msg", "args": [round] });
-        server.send(&http, &body).await?;
+        server.send_for(&http, round, &body).await?;
         let mut reached = vec![false; n];
         let (mut count, mut last) = (0, posted);
         while count < n {
@@ -451,7 +504,7 @@ async fn fanout(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_after = (server.cpu()? - cpu_before - cpu).total();
     reach.sort();
-    let figures = json!({
+    let mut figures = json!({
         "clients": n,
         "rounds": rounds,
         "deliveries_per_sec": ((n * rounds) as f64 / elapsed.as_secs_f64()).round(),
@@ -464,6 +517,7 @@ async fn fanout(
         "generator_cpu_secs": secs(own.total()),
         "generator_kernel_cpu_secs": secs(own.system),
     });
+    add_redis_work(&mut figures, &server, &http, redis_before, n * rounds, "delivery").await?;
     drop(clients);
     server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
@@ -475,7 +529,8 @@ async fn queue(
     rounds: usize,
     bytes: usize,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    common.sled_only("queue")?;
+    let server = common.start().await?;
     register_offline(&server, n).await?;
     let http = reqwest::Client::new();
     let (written_before, cpu_before) = (server.written_bytes()?, server.cpu_secs()?);
@@ -529,7 +584,7 @@ async fn register_offline(server: &Server, n: usize) -> anyhow::Result<()> {
 }
 
 async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    let server = common.start().await?;
     register_offline(&server, n).await?;
     let http = reqwest::Client::new();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -540,11 +595,12 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
                 return anyhow::Ok(());
             }
             let body = json!({ "rooms": [format!("user_{}", i % n)], "event": "msg", "args": [i] });
-            server.send(&http, &body).await?;
+            server.send_for(&http, i % n, &body).await?;
         }
     });
     futures_util::future::try_join_all(senders).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let redis_before = server.redis_work(&http).await?;
     let cpu_before = server.cpu_secs()?;
     let started = Instant::now();
     let (clients, _) = open_clients(&server, n, 100, Some(tx)).await?;
@@ -557,19 +613,22 @@ async fn replay(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_jso
     }
     let elapsed = started.elapsed();
     let cpu = server.cpu_secs()? - cpu_before;
-    let figures = json!({
+    let mut figures = json!({
         "devices": n,
         "messages_per_device": k,
         "ms_until_every_batch": (elapsed.as_secs_f64() * 100_000.0).round() / 100.0,
         "server_cpu_secs": secs(cpu),
     });
+    // Per device: its connect, its `_batch` of `k` and the batch's ack.
+    add_redis_work(&mut figures, &server, &http, redis_before, n, "reconnect_with_batch").await?;
     drop(clients);
     server.stop().await?;
     Ok(figures.as_object().cloned().expect("an object"))
 }
 
 async fn restart(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let server = Server::start(&common.server_bin).await?;
+    common.sled_only("restart")?;
+    let server = common.start().await?;
     register_offline(&server, n).await?;
     // Fill: each POST to the shared room queues one message on every (offline) device.
     let http = reqwest::Client::new();
@@ -579,7 +638,7 @@ async fn restart(common: &Common, n: usize, k: usize) -> anyhow::Result<serde_js
     }
     let data = server.stop().await?;
     let started = Instant::now();
-    let server = Server::start_on(&common.server_bin, data).await?;
+    let server = Server::start_on(&common.server_bin, common.store(), data).await?;
     let serving = started.elapsed();
     let health = http.get(format!("http://{}/healthcheck", server.addr)).send().await?;
     if health.status() != 200 {

@@ -78,6 +78,10 @@ pub struct SiteStatus {
 pub struct Status {
     /// The running version.
     pub version: String,
+    /// On a store shared by several nodes (Redis), this node's id: then `sockets` and `totals`
+    /// are this node's, and the devices and queues of `sites` the whole service's.
+    #[serde(default)]
+    pub node: Option<String>,
     /// The sites.
     pub sites: Vec<SiteStatus>,
     /// Running totals since start.
@@ -132,7 +136,13 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             acked: totals.acked,
         })
         .collect();
-    Json(Status { version: env!("CARGO_PKG_VERSION").into(), sites, totals: crate::metrics::totals(), history })
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: state.delivery.node().map(str::to_owned),
+        sites,
+        totals: crate::metrics::totals(),
+        history,
+    })
 }
 
 /// A device as `GET .../devices` shows it.

@@ -169,6 +169,11 @@ impl Delivery {
         self
     }
 
+    /// This node's id, on a store shared by several nodes.
+    pub fn node(&self) -> Option<&str> {
+        self.relay.as_ref().map(|(relay, _)| relay.node())
+    }
+
     /// Whether this node hears the other nodes (always, without a relay).
     pub fn relay_subscribed(&self) -> bool {
         self.relay.as_ref().is_none_or(|(relay, _)| relay.is_subscribed())

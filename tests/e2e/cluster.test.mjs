@@ -138,10 +138,19 @@ function connectedOn(node, device, from) {
   return node.logged(new RegExp(`device connected[^\\n]*device=${device}\\b`), from);
 }
 
+const ADMIN_TOKEN = "admin-token-for-the-cluster-test";
+
+/** GET /api/status of a node's admin API. */
+async function status(node) {
+  const res = await fetch(`${node.adminUrl}/api/status`, { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } });
+  assert.equal(res.status, 200);
+  return res.json();
+}
+
 let cluster;
 describe("two nodes, direct", () => {
   before(async () => {
-    cluster = await startCluster("direct");
+    cluster = await startCluster("direct", 2, { SIO_PUSH_ADMIN__LISTEN: "127.0.0.1:0", SIO_PUSH_ADMIN__TOKEN: ADMIN_TOKEN });
   });
 
   for (const version of VERSIONS) {
@@ -214,6 +223,28 @@ describe("two nodes, direct", () => {
       }
     });
   }
+
+  test("each node's status shows its own sockets and node id beside the service's devices and queues", async () => {
+    const [a, b] = cluster.nodes;
+    const clients = [];
+    for (let u = 0; u < 5; u++) clients.push(await ready(VERSIONS[u % 2], u < 3 ? a : b, { token: "t21", deviceId: `status-${u}` }));
+    assert.equal((await send(a, { body: { rooms: ["user_21"], event: "x", args: [1] } })).status, 200);
+    await Promise.all(clients.map((c) => c.waitFor("x")));
+    // Read both until no ack of an earlier test lands between the two reads (bounded).
+    let sa, sb, shopA, shopB;
+    for (let i = 0; i < 50; i++) {
+      [sa, sb] = [await status(a), await status(b)];
+      [shopA, shopB] = [sa.sites[0], sb.sites[0]];
+      if (shopA.queued_messages === shopB.queued_messages && shopA.connected_devices === shopB.connected_devices) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(sa.node && sb.node && sa.node !== sb.node, "each node names itself");
+    assert.deepEqual([shopA.sockets, shopB.sockets], [3, 2], "sockets: the node's own");
+    assert.equal(shopA.connected_devices, shopB.connected_devices, "connected devices: the service's");
+    assert.equal(shopA.queued_messages, shopB.queued_messages, "queues: the service's");
+    assert.ok(shopA.connected_devices >= 5 && shopA.queued_messages >= 5, JSON.stringify(shopA));
+    for (const c of clients) c.close();
+  });
 
   test("a shared room reaches its users on every node, whichever node gets the /send", async () => {
     const [a, b] = cluster.nodes;

@@ -53,8 +53,11 @@ impl Conn {
     }
 }
 
+/// Every request to Redis (a command, or a pipeline of them) is one round trip, counted for
+/// `/metrics` (`sio_push_redis_round_trips_total`).
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        crate::metrics::redis_round_trip();
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
@@ -67,6 +70,7 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        crate::metrics::redis_round_trip();
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
@@ -85,6 +89,7 @@ impl Conn {
     /// `WAIT replicas timeout` on the server that holds `key`: how many replicas have every
     /// write this connection made so far.
     pub async fn wait(&mut self, key: &str, replicas: u32, timeout: Duration) -> RedisResult<u32> {
+        crate::metrics::redis_round_trip();
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout.as_millis() as u64);
         match self {

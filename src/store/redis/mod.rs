@@ -81,9 +81,16 @@ struct Scripts {
     drop_node: Script,
 }
 
+/// A script: `lua/lib.lua`, then the script's body run as a function, so that the counts its
+/// removals changed are written (`flush`) after whichever `return` it ends at.
 macro_rules! script {
     ($name:literal) => {
-        Script::new(concat!(include_str!("lua/lib.lua"), include_str!(concat!("lua/", $name, ".lua"))))
+        Script::new(concat!(
+            include_str!("lua/lib.lua"),
+            "local function main()\n",
+            include_str!(concat!("lua/", $name, ".lua")),
+            "\nend\nlocal out = main()\nflush()\nreturn out\n"
+        ))
     };
 }
 
@@ -232,9 +239,14 @@ impl RedisStore {
     pub async fn open(options: RedisOptions) -> Result<Self, StoreError> {
         let conn = Conn::open(&options.target).await.map_err(unavailable)?;
         let node = new_node_id();
-        let healthy = Arc::new(AtomicBool::new(false));
-        let heartbeat =
-            tokio::spawn(heartbeat(conn.clone(), format!("{}:alive:{node}", options.prefix), healthy.clone()));
+        let alive = format!("{}:alive:{node}", options.prefix);
+        // The first beat before serving, so that a node whose Redis answers is open at once.
+        let first = beat(&mut conn.clone(), &alive).await;
+        if let Err(e) = &first {
+            tracing::error!(error = %e, "Redis is unreachable: the node is not ready until it answers");
+        }
+        let healthy = Arc::new(AtomicBool::new(first.is_ok()));
+        let heartbeat = tokio::spawn(heartbeat(conn.clone(), alive, healthy.clone()));
         Ok(Self {
             conn,
             prefix: options.prefix,
@@ -522,19 +534,19 @@ fn held(record: &Record) -> &str {
 }
 
 /// Refreshes the node's heartbeat key; its outcome is the store's health.
+/// Sets the node's heartbeat key.
+async fn beat(conn: &mut Conn, key: &str) -> redis::RedisResult<()> {
+    redis::cmd("SET").arg(key).arg(1).arg("PX").arg(HEARTBEAT.as_millis() as u64).query_async::<()>(conn).await
+}
+
+/// Beats every third of [`HEARTBEAT`] after the first (in `open`), and keeps `healthy` current.
 async fn heartbeat(mut conn: Conn, key: String, healthy: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval(HEARTBEAT / 3);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT / 3, HEARTBEAT / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut was = true;
+    let mut was = healthy.load(Ordering::Relaxed);
     loop {
         tick.tick().await;
-        let ok = redis::cmd("SET")
-            .arg(&key)
-            .arg(1)
-            .arg("PX")
-            .arg(HEARTBEAT.as_millis() as u64)
-            .query_async::<()>(&mut conn)
-            .await;
+        let ok = beat(&mut conn, &key).await;
         if let Err(e) = &ok {
             if was {
                 tracing::error!(error = %e, "Redis is unreachable: the node is not ready until it answers");

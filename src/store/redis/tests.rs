@@ -364,3 +364,31 @@ async fn each_message_names_the_one_it_follows_for_connected_devices() {
     let at = out.devices.iter().position(|d| *d == on).unwrap();
     assert!(out.follows[at] < acked, "the newest still queued");
 }
+
+/// Queues longer than a script's chunk of arguments are read, acked and forgotten whole.
+#[tokio::test]
+async fn long_queues_are_read_acked_and_forgotten_in_chunks() {
+    let store = redis_store().await;
+    let (a, b) = (DeviceKey::new("site", "user_1", "a"), DeviceKey::new("site", "user_1", "b"));
+    for d in [&a, &b] {
+        store.connect(d, &["user_1".into()], None).await.unwrap();
+    }
+    let now = Expiry { now: 1, ttl_ms: 0 };
+    for n in 0..2_500 {
+        let entry = format!("[\"e{}\",{n}]", n % 3).into();
+        store.enqueue("site", vec!["user_1".into()], entry, now, QueueLimits::default(), None).await.unwrap();
+    }
+    let queued = store.pending(&a).await.unwrap();
+    assert_eq!(queued.len(), 2_500);
+    assert!(queued.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    let mut ids: Vec<MessageId> = queued.iter().map(|q| q.id).collect();
+    ids.extend(ids.clone()); // an id named twice is removed once
+    store.acks(vec![Ack::Batch { device: a.clone(), ids }]).await.unwrap();
+    assert!(store.pending(&a).await.unwrap().is_empty());
+    assert_eq!(store.pending(&b).await.unwrap().len(), 2_500, "the other device's copies stay");
+    store.audit("site").await.unwrap();
+    assert_eq!(store.clear_queue(&b).await.unwrap(), 2_500);
+    store.audit("site").await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats["site"].queued_messages, stats["site"].queued_bytes), (0, 0));
+}

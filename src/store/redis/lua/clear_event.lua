@@ -5,10 +5,9 @@ local dkey = dk(ARGV[2], ARGV[3])
 local e = T .. ':e:' .. dkey .. ARGV[4]
 local newest = redis.call('ZRANGE', e, -1, -1)[1] or ''
 if redis.call('ZCARD', e) ~= tonumber(ARGV[5]) or newest ~= ARGV[6] then return {'changed'} end
-local cleared = 0
-for j = 7, #ARGV do
-  if remove_entry(dkey, ARGV[j]) then cleared = cleared + 1 end
-end
+local ids = {}
+for j = 7, #ARGV do table.insert(ids, ARGV[j]) end
+local cleared = remove_entries(dkey, ids)
 local seq = int(redis.call('INCR', T .. ':ids'))
 redis.call('HSET', T .. ':rs', dkey, seq)
 return {'ok', cleared, seq}

@@ -34,6 +34,19 @@ local function totals(field, by)
   if by ~= 0 then redis.call('HINCRBY', T .. ':totals', field, by) end
 end
 
+-- What removals take from the counts, written once at the end of the script by `flush` (which
+-- the script's wrapper calls, see ../mod.rs): a `_batch` ack removes a hundred entries, and one
+-- HINCRBY per entry and count cost as much as the removal itself.
+local taken = {messages = 0, bytes = 0, queues = {}}
+
+local function flush()
+  totals('queued_messages', -taken.messages)
+  totals('queued_bytes', -taken.bytes)
+  for dkey, size in pairs(taken.queues) do
+    if size ~= 0 then redis.call('HINCRBY', T .. ':qb', dkey, -size) end
+  end
+end
+
 -- Removes one queue entry; returns its size, or nil if it was not queued.
 local function remove_entry(dkey, id)
   local qv = T .. ':qv:' .. dkey
@@ -47,21 +60,70 @@ local function remove_entry(dkey, id)
     redis.call('HDEL', T .. ':n', id)
     redis.call('HDEL', T .. ':b', id)
   end
-  redis.call('HINCRBY', T .. ':qb', dkey, -size)
-  totals('queued_messages', -1)
-  totals('queued_bytes', -size)
+  taken.queues[dkey] = (taken.queues[dkey] or 0) + size
+  taken.messages = taken.messages + 1
+  taken.bytes = taken.bytes + size
   return size
+end
+
+-- At most this many arguments to one command from a script (Lua's `unpack` has a limit).
+local CHUNK = 1000
+
+-- Removes the entries `ids` (each once) of one device's queue, with a few commands per chunk of
+-- them rather than several per entry. Returns how many were queued.
+local function remove_entries(dkey, ids)
+  local qv, q = T .. ':qv:' .. dkey, T .. ':q:' .. dkey
+  local seen, count = {}, 0
+  for from = 1, #ids, CHUNK do
+    local chunk = {}
+    for n = from, math.min(from + CHUNK - 1, #ids) do
+      if not seen[ids[n]] then
+        seen[ids[n]] = true
+        table.insert(chunk, ids[n])
+      end
+    end
+    local found, by_event = {}, {}
+    if #chunk > 0 then
+      for n, v in ipairs(redis.call('HMGET', qv, unpack(chunk))) do
+        if v then
+          local id = chunk[n]
+          local flag, size, _, event = parse(v)
+          table.insert(found, id)
+          by_event[event] = by_event[event] or {}
+          table.insert(by_event[event], id)
+          if flag == 's' and redis.call('HINCRBY', T .. ':n', id, -1) <= 0 then
+            redis.call('HDEL', T .. ':n', id)
+            redis.call('HDEL', T .. ':b', id)
+          end
+          taken.queues[dkey] = (taken.queues[dkey] or 0) + size
+          taken.messages = taken.messages + 1
+          taken.bytes = taken.bytes + size
+        end
+      end
+    end
+    if #found > 0 then
+      redis.call('HDEL', qv, unpack(found))
+      redis.call('ZREM', q, unpack(found))
+      for event, of_event in pairs(by_event) do redis.call('ZREM', T .. ':e:' .. dkey .. event, unpack(of_event)) end
+      count = count + #found
+    end
+  end
+  return count
 end
 
 -- A device's queue, oldest first, as id, queued-at, entry triples.
 local function read_queue(dkey, out)
   local qv = T .. ':qv:' .. dkey
-  for _, id in ipairs(redis.call('ZRANGE', T .. ':q:' .. dkey, 0, -1)) do
-    local flag, _, at, _, entry = parse(redis.call('HGET', qv, id))
-    if flag == 's' then entry = redis.call('HGET', T .. ':b', id) end
-    table.insert(out, id)
-    table.insert(out, at)
-    table.insert(out, entry)
+  local ids = redis.call('ZRANGE', T .. ':q:' .. dkey, 0, -1)
+  for from = 1, #ids, CHUNK do
+    local chunk = {unpack(ids, from, math.min(from + CHUNK - 1, #ids))}
+    for n, v in ipairs(redis.call('HMGET', qv, unpack(chunk))) do
+      local flag, _, at, _, entry = parse(v)
+      if flag == 's' then entry = redis.call('HGET', T .. ':b', chunk[n]) end
+      table.insert(out, chunk[n])
+      table.insert(out, at)
+      table.insert(out, entry)
+    end
   end
   return out
 end
@@ -78,8 +140,9 @@ end
 -- the node of its socket if it is connected, else ''.
 local function forget(user, device, node)
   local dkey = dk(user, device)
-  for _, id in ipairs(redis.call('ZRANGE', T .. ':q:' .. dkey, 0, -1)) do remove_entry(dkey, id) end
+  remove_entries(dkey, redis.call('ZRANGE', T .. ':q:' .. dkey, 0, -1))
   redis.call('HDEL', T .. ':qb', dkey)
+  taken.queues[dkey] = nil
   redis.call('HDEL', T .. ':of', dkey)
   redis.call('HDEL', T .. ':rs', dkey)
   redis.call('ZREM', T .. ':t', dkey)

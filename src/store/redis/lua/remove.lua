@@ -4,9 +4,9 @@ local i, removed = 2, 0
 while i <= #ARGV do
   local dkey = dk(ARGV[i], ARGV[i + 1])
   local count = tonumber(ARGV[i + 2])
-  for j = i + 3, i + 2 + count do
-    if remove_entry(dkey, ARGV[j]) then removed = removed + 1 end
-  end
+  local ids = {}
+  for j = i + 3, i + 2 + count do table.insert(ids, ARGV[j]) end
+  removed = removed + remove_entries(dkey, ids)
   i = i + 3 + count
 end
 return removed
