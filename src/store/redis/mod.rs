@@ -294,8 +294,9 @@ impl RedisStore {
         if self.wait_replicas == 0 {
             return Ok(());
         }
-        let got =
-            self.conn().wait(&format!("{tag}:ids"), self.wait_replicas, self.timeout).await.map_err(unavailable)?;
+        // Redis answers WAIT when its own timeout ends: within the reply timeout, with room to spare.
+        let wait = self.timeout * 3 / 4;
+        let got = self.conn().wait(&format!("{tag}:ids"), self.wait_replicas, wait).await.map_err(unavailable)?;
         if got < self.wait_replicas {
             return Err(StoreError::Unavailable(format!(
                 "{got} of {} replicas confirmed the write (store.wait_replicas)",

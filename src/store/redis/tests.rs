@@ -392,3 +392,85 @@ async fn long_queues_are_read_acked_and_forgotten_in_chunks() {
     let stats = store.stats().await.unwrap();
     assert_eq!((stats["site"].queued_messages, stats["site"].queued_bytes), (0, 0));
 }
+
+/// A `redis-server` on a loopback port for one test, killed when dropped.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnRedis {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+            .arg(dir.path())
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port, _dir: dir }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `wait_replicas`, a message counts as stored once a replica has it: while the replica
+/// answers, sends succeed; once it is gone, they fail with the reason, within the timeout.
+#[tokio::test]
+async fn with_wait_replicas_a_send_waits_for_the_replica() {
+    let primary = OwnRedis::start(&[]);
+    let replica = OwnRedis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let options = RedisOptions {
+        target: Target {
+            urls: vec![format!("redis://127.0.0.1:{}/", primary.port)],
+            cluster: false,
+            timeout: Duration::from_millis(1_000),
+        },
+        prefix: prefix("replicas"),
+        wait_replicas: 1,
+    };
+    let store = RedisStore::open(options).await.unwrap();
+    let d = DeviceKey::new("site", "user_1", "phone");
+    // The replica's first sync takes a moment: until then WAIT counts none.
+    let mut synced = false;
+    for _ in 0..50 {
+        if store.connect(&d, &["user_1".into()], None).await.is_ok() {
+            synced = true;
+            break;
+        }
+    }
+    assert!(synced, "a connect succeeds once the replica has synced");
+    let send = || {
+        store.enqueue(
+            "site",
+            vec!["user_1".into()],
+            "[\"e\"]".into(),
+            Expiry { now: 1, ttl_ms: 0 },
+            QueueLimits::default(),
+            None,
+        )
+    };
+    for _ in 0..20 {
+        send().await.unwrap();
+    }
+    drop(replica);
+    let started = std::time::Instant::now();
+    let out = send().await;
+    assert!(matches!(&out, Err(StoreError::Unavailable(reason)) if reason.contains("0 of 1 replicas")), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}

@@ -46,8 +46,6 @@ for n = 0, count - 1 do
   redis.call('HSET', T .. ':qv:' .. dkey, id, value)
   redis.call('ZADD', T .. ':e:' .. dkey .. event, id, id)
   local bytes = redis.call('HINCRBY', T .. ':qb', dkey, size)
-  totals('queued_messages', 1)
-  totals('queued_bytes', size)
   local len = redis.call('ZCARD', q)
   local dropped = 0
   -- QueueLimits::exceeded (store/rules.rs), which must run inside the append: drop the oldest
@@ -63,6 +61,8 @@ for n = 0, count - 1 do
     table.insert(dropped_at, dropped)
   end
 end
+totals('queued_messages', count)
+totals('queued_bytes', count * size)
 for user in pairs(touched) do bump(user) end
 for _, v in ipairs(dropped_at) do table.insert(out, v) end
 return out
