@@ -99,6 +99,12 @@ impl RedisStore {
     }
 }
 
+/// A message to `user_1` of `site`, with the default caps and no expiry.
+async fn send_one(store: &RedisStore, entry: &str) -> Result<Enqueued, StoreError> {
+    let now = Expiry { now: 0, ttl_ms: 0 };
+    store.enqueue("site", vec!["user_1".into()], entry.into(), now, QueueLimits::default(), None).await
+}
+
 fn prefix(name: &str) -> String {
     format!("test{}-{name}", std::process::id())
 }
@@ -268,16 +274,7 @@ async fn an_unreachable_redis_fails_fast_and_shows() {
     let started = std::time::Instant::now();
     let out = store.connect(&d, &[], None).await;
     assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
-    let out = store
-        .enqueue(
-            "site",
-            vec!["user_1".into()],
-            "[1]".into(),
-            Expiry { now: 0, ttl_ms: 0 },
-            QueueLimits::default(),
-            None,
-        )
-        .await;
+    let out = send_one(&store, "[1]").await;
     assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -291,17 +288,7 @@ async fn the_audit_sees_a_wrong_count() {
     let store = redis_store().await;
     let d = DeviceKey::new("site", "user_1", "phone");
     store.connect(&d, &["user_1".into()], None).await.unwrap();
-    store
-        .enqueue(
-            "site",
-            vec!["user_1".into()],
-            "[1]".into(),
-            Expiry { now: 0, ttl_ms: 0 },
-            QueueLimits::default(),
-            None,
-        )
-        .await
-        .unwrap();
+    send_one(&store, "[1]").await.unwrap();
     store.audit("site").await.unwrap();
     let _: () = store.conn().hincr(format!("{}:totals", store.tag("site")), "queued_bytes", 1).await.unwrap();
     assert!(store.audit("site").await.is_err());
@@ -344,23 +331,16 @@ async fn each_message_names_the_one_it_follows_for_connected_devices() {
     store.connect(&on, &["user_1".into()], None).await.unwrap();
     store.connect(&off, &["user_1".into()], None).await.unwrap();
     store.disconnect(&off, 1).await.unwrap();
-    let now = Expiry { now: 2, ttl_ms: 0 };
     let mut previous = 0;
     for n in 0..5 {
-        let out = store
-            .enqueue("site", vec!["user_1".into()], format!("[\"e\",{n}]").into(), now, QueueLimits::default(), None)
-            .await
-            .unwrap();
+        let out = send_one(&store, &format!("[\"e\",{n}]")).await.unwrap();
         let follows: BTreeMap<&DeviceKey, MessageId> = out.devices.iter().zip(out.follows.iter().copied()).collect();
         assert_eq!((follows[&on], follows[&off]), (previous, 0), "message {n}");
         previous = out.id;
     }
     let acked = store.pending(&on).await.unwrap().last().unwrap().id;
     store.acks(vec![Ack::Batch { device: on.clone(), ids: vec![acked] }]).await.unwrap();
-    let out = store
-        .enqueue("site", vec!["user_1".into()], "[\"e\"]".into(), now, QueueLimits::default(), None)
-        .await
-        .unwrap();
+    let out = send_one(&store, "[\"e\"]").await.unwrap();
     let at = out.devices.iter().position(|d| *d == on).unwrap();
     assert!(out.follows[at] < acked, "the newest still queued");
 }
@@ -373,10 +353,8 @@ async fn long_queues_are_read_acked_and_forgotten_in_chunks() {
     for d in [&a, &b] {
         store.connect(d, &["user_1".into()], None).await.unwrap();
     }
-    let now = Expiry { now: 1, ttl_ms: 0 };
     for n in 0..2_500 {
-        let entry = format!("[\"e{}\",{n}]", n % 3).into();
-        store.enqueue("site", vec!["user_1".into()], entry, now, QueueLimits::default(), None).await.unwrap();
+        send_one(&store, &format!("[\"e{}\",{n}]", n % 3)).await.unwrap();
     }
     let queued = store.pending(&a).await.unwrap();
     assert_eq!(queued.len(), 2_500);
@@ -455,16 +433,7 @@ async fn with_wait_replicas_a_send_waits_for_the_replica() {
         }
     }
     assert!(synced, "a connect succeeds once the replica has synced");
-    let send = || {
-        store.enqueue(
-            "site",
-            vec!["user_1".into()],
-            "[\"e\"]".into(),
-            Expiry { now: 1, ttl_ms: 0 },
-            QueueLimits::default(),
-            None,
-        )
-    };
+    let send = || send_one(&store, "[\"e\"]");
     for _ in 0..20 {
         send().await.unwrap();
     }

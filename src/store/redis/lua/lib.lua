@@ -47,15 +47,10 @@ local function flush()
   end
 end
 
--- Removes one queue entry; returns its size, or nil if it was not queued.
-local function remove_entry(dkey, id)
-  local qv = T .. ':qv:' .. dkey
-  local v = redis.call('HGET', qv, id)
-  if not v then return nil end
+-- The bookkeeping of a removed queue entry (value `v`): a shared message loses a reference (and
+-- goes with the last), the counts lose its size. Returns its size and event.
+local function release(dkey, id, v)
   local flag, size, _, event = parse(v)
-  redis.call('HDEL', qv, id)
-  redis.call('ZREM', T .. ':q:' .. dkey, id)
-  redis.call('ZREM', T .. ':e:' .. dkey .. event, id)
   if flag == 's' and redis.call('HINCRBY', T .. ':n', id, -1) <= 0 then
     redis.call('HDEL', T .. ':n', id)
     redis.call('HDEL', T .. ':b', id)
@@ -63,6 +58,18 @@ local function remove_entry(dkey, id)
   taken.queues[dkey] = (taken.queues[dkey] or 0) + size
   taken.messages = taken.messages + 1
   taken.bytes = taken.bytes + size
+  return size, event
+end
+
+-- Removes one queue entry; returns its size, or nil if it was not queued.
+local function remove_entry(dkey, id)
+  local qv = T .. ':qv:' .. dkey
+  local v = redis.call('HGET', qv, id)
+  if not v then return nil end
+  local size, event = release(dkey, id, v)
+  redis.call('HDEL', qv, id)
+  redis.call('ZREM', T .. ':q:' .. dkey, id)
+  redis.call('ZREM', T .. ':e:' .. dkey .. event, id)
   return size
 end
 
@@ -87,17 +94,10 @@ local function remove_entries(dkey, ids)
       for n, v in ipairs(redis.call('HMGET', qv, unpack(chunk))) do
         if v then
           local id = chunk[n]
-          local flag, size, _, event = parse(v)
+          local _, event = release(dkey, id, v)
           table.insert(found, id)
           by_event[event] = by_event[event] or {}
           table.insert(by_event[event], id)
-          if flag == 's' and redis.call('HINCRBY', T .. ':n', id, -1) <= 0 then
-            redis.call('HDEL', T .. ':n', id)
-            redis.call('HDEL', T .. ':b', id)
-          end
-          taken.queues[dkey] = (taken.queues[dkey] or 0) + size
-          taken.messages = taken.messages + 1
-          taken.bytes = taken.bytes + size
         end
       end
     end
