@@ -417,7 +417,8 @@ async fn with_wait_replicas_a_send_waits_for_the_replica() {
         target: Target {
             urls: vec![format!("redis://127.0.0.1:{}/", primary.port)],
             cluster: false,
-            timeout: Duration::from_millis(1_000),
+            // Generous: a loaded test machine may take a while to pass an ack along.
+            timeout: Duration::from_millis(4_000),
         },
         prefix: prefix("replicas"),
         wait_replicas: 1,
@@ -426,7 +427,7 @@ async fn with_wait_replicas_a_send_waits_for_the_replica() {
     let d = DeviceKey::new("site", "user_1", "phone");
     // The replica's first sync takes a moment: until then WAIT counts none.
     let mut synced = false;
-    for _ in 0..50 {
+    for _ in 0..10 {
         if store.connect(&d, &["user_1".into()], None).await.is_ok() {
             synced = true;
             break;
@@ -441,5 +442,5 @@ async fn with_wait_replicas_a_send_waits_for_the_replica() {
     let started = std::time::Instant::now();
     let out = send().await;
     assert!(matches!(&out, Err(StoreError::Unavailable(reason)) if reason.contains("0 of 1 replicas")), "{out:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(8), "within the timeout: {:?}", started.elapsed());
 }
