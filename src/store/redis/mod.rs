@@ -825,7 +825,9 @@ impl Store for RedisStore {
                 self.sweep_keys(&site, expiry.now).await
             }
             .await;
-            let _: Result<(), _> = self.conn().del(&lock).await;
+            // Only if still this node's: a sweep that outlived the lock must not end another's.
+            let release = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end");
+            let _: Result<(), _> = release.key(&lock).arg(&self.node).invoke_async(&mut self.conn()).await;
             done?;
         }
         Ok(out)

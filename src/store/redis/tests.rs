@@ -256,6 +256,13 @@ async fn a_dead_nodes_devices_are_disconnected_by_the_sweep() {
     assert_eq!((state.connected, state.disconnected_at), (false, 1_000));
     assert_eq!(alive.sweep(Expiry { now: 1_501, ttl_ms: 500 }).await.unwrap(), vec![d]);
     alive.audit("site").await.unwrap();
+    let lock: Option<String> = alive.conn().get(format!("{}:sweep", alive.tag("site"))).await.unwrap();
+    assert_eq!(lock, None, "the sweep let its lock go");
+    // Another node's lock stays.
+    let _: () = alive.conn().set(format!("{}:sweep", alive.tag("site")), "another").await.unwrap();
+    alive.sweep(Expiry { now: 1_600, ttl_ms: 500 }).await.unwrap();
+    let lock: Option<String> = alive.conn().get(format!("{}:sweep", alive.tag("site"))).await.unwrap();
+    assert_eq!(lock.as_deref(), Some("another"));
 }
 
 /// A store whose Redis is gone answers `Unavailable` within its timeout and reports itself not
