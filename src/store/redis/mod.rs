@@ -285,8 +285,19 @@ impl RedisStore {
             call.arg(*a);
         }
         let out = once_more_if_unsent(|| async { call.invoke_async(&mut self.conn()).await }).await;
-        self.healthy.store(out.is_ok(), Ordering::Relaxed);
-        out.map_err(unavailable)
+        if out.is_ok() {
+            self.healthy.store(true, Ordering::Relaxed);
+        }
+        out.map_err(|e| self.failed(e))
+    }
+
+    /// The error as the store's; a Redis that does not answer makes the node unready (and refuse
+    /// connects) at once, not at the next heartbeat.
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+        unavailable(e)
     }
 
     /// With `wait_replicas`, waits until that many replicas have every write so far.
@@ -296,7 +307,8 @@ impl RedisStore {
         }
         // Redis answers WAIT when its own timeout ends: within the reply timeout, with room to spare.
         let wait = self.timeout * 3 / 4;
-        let got = self.conn().wait(&format!("{tag}:ids"), self.wait_replicas, wait).await.map_err(unavailable)?;
+        let got =
+            self.conn().wait(&format!("{tag}:ids"), self.wait_replicas, wait).await.map_err(|e| self.failed(e))?;
         if got < self.wait_replicas {
             return Err(StoreError::Unavailable(format!(
                 "{got} of {} replicas confirmed the write (store.wait_replicas)",
@@ -310,13 +322,13 @@ impl RedisStore {
         if self.sites.lock().unwrap_or_else(|p| p.into_inner()).contains(site) {
             return Ok(());
         }
-        let _: i64 = self.conn().sadd(self.sites_key(), site).await.map_err(unavailable)?;
+        let _: i64 = self.conn().sadd(self.sites_key(), site).await.map_err(|e| self.failed(e))?;
         self.sites.lock().unwrap_or_else(|p| p.into_inner()).insert(site.to_owned());
         Ok(())
     }
 
     async fn all_sites(&self) -> Result<Vec<String>, StoreError> {
-        let mut sites: Vec<String> = self.conn().smembers(self.sites_key()).await.map_err(unavailable)?;
+        let mut sites: Vec<String> = self.conn().smembers(self.sites_key()).await.map_err(|e| self.failed(e))?;
         sites.sort();
         Ok(sites)
     }
@@ -374,7 +386,8 @@ impl RedisStore {
     /// Disconnects every device whose socket was on `node`, in every site.
     async fn disconnect_node(&self, site: &str, node: &str, now: Millis) -> Result<u64, StoreError> {
         let tag = self.tag(site);
-        let members: Vec<String> = self.conn().smembers(format!("{tag}:cn:{node}")).await.map_err(unavailable)?;
+        let members: Vec<String> =
+            self.conn().smembers(format!("{tag}:cn:{node}")).await.map_err(|e| self.failed(e))?;
         let mut count = 0;
         for member in &members {
             if let Some((user, device)) = parse_dk(member) {
@@ -388,9 +401,10 @@ impl RedisStore {
     /// Marks disconnected the devices of nodes whose heartbeat has lapsed.
     async fn sweep_dead_nodes(&self, site: &str, now: Millis) -> Result<(), StoreError> {
         let nodes: Vec<String> =
-            self.conn().smembers(format!("{}:nodes", self.tag(site))).await.map_err(unavailable)?;
+            self.conn().smembers(format!("{}:nodes", self.tag(site))).await.map_err(|e| self.failed(e))?;
         for node in nodes.iter().filter(|n| **n != self.node) {
-            let alive: bool = self.conn().exists(format!("{}:alive:{node}", self.prefix)).await.map_err(unavailable)?;
+            let alive: bool =
+                self.conn().exists(format!("{}:alive:{node}", self.prefix)).await.map_err(|e| self.failed(e))?;
             if !alive {
                 let count = self.disconnect_node(site, node, now).await?;
                 tracing::info!(site, node = %node, devices = count, "a node stopped: its devices are disconnected");
@@ -412,7 +426,7 @@ impl RedisStore {
                 .conn()
                 .zrangebyscore_limit(format!("{tag}:t"), "-inf", &before, 0, SWEEP_STEP)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             let mut by_user = BTreeMap::<&str, Vec<&str>>::new();
             for (user, device) in found.iter().filter_map(|m| parse_dk(m)) {
                 by_user.entry(user).or_default().push(device);
@@ -459,7 +473,7 @@ impl RedisStore {
                 .conn()
                 .zrangebyscore_limit(format!("{tag}:kx"), "-inf", now, 0, SWEEP_STEP)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             let now = now.to_string();
             let mut args = vec![now.as_str()];
             args.extend(keys.iter().map(String::as_str));
@@ -494,7 +508,7 @@ impl RedisStore {
         let tag = self.tag(&device.site);
         let key = format!("{tag}:e:{}{event}", dk(&device.user, &device.device));
         for _ in 0..TRIES {
-            let same_event: Vec<MessageId> = self.conn().zrange(&key, 0, -1).await.map_err(unavailable)?;
+            let same_event: Vec<MessageId> = self.conn().zrange(&key, 0, -1).await.map_err(|e| self.failed(e))?;
             match in_order(same_event.iter().copied(), id) {
                 InOrder::NotQueued => return Ok(None),
                 InOrder::Oldest => {
@@ -637,7 +651,7 @@ impl Store for RedisStore {
 
     async fn users_in_room(&self, site: &str, room: &str) -> Result<Vec<String>, StoreError> {
         let key = format!("{}:r:{}", self.tag(site), room.to_lowercase());
-        let mut users: Vec<String> = self.conn().smembers(key).await.map_err(unavailable)?;
+        let mut users: Vec<String> = self.conn().smembers(key).await.map_err(|e| self.failed(e))?;
         users.sort();
         Ok(users)
     }
@@ -665,7 +679,7 @@ impl Store for RedisStore {
             }
             let mut read: Vec<Value> = once_more_if_unsent(|| async { pipe.query_async(&mut self.conn()).await })
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             let key_read = match &idempotency {
                 Some(idem) => {
                     let raw = text(&read.pop().unwrap_or(Value::Nil));
@@ -813,9 +827,9 @@ impl Store for RedisStore {
                 .arg(60_000)
                 .query_async(&mut self.conn())
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.failed(e))?;
             let holder: Option<String> =
-                if took.is_some() { None } else { self.conn().get(&lock).await.map_err(unavailable)? };
+                if took.is_some() { None } else { self.conn().get(&lock).await.map_err(|e| self.failed(e))? };
             if holder.is_some_and(|h| h != self.node) {
                 continue;
             }
@@ -842,7 +856,7 @@ impl Store for RedisStore {
         let mut out = BTreeMap::new();
         for site in self.all_sites().await? {
             let t: BTreeMap<String, u64> =
-                self.conn().hgetall(format!("{}:totals", self.tag(&site))).await.map_err(unavailable)?;
+                self.conn().hgetall(format!("{}:totals", self.tag(&site))).await.map_err(|e| self.failed(e))?;
             let get = |k: &str| t.get(k).copied().unwrap_or(0);
             let stats = SiteStats {
                 devices: get("devices"),
@@ -868,7 +882,7 @@ impl Store for RedisStore {
 
     async fn clear_queue(&self, device: &DeviceKey) -> Result<u64, StoreError> {
         let key = format!("{}:q:{}", self.tag(&device.site), dk(&device.user, &device.device));
-        let ids: Vec<MessageId> = self.conn().zrange(key, 0, -1).await.map_err(unavailable)?;
+        let ids: Vec<MessageId> = self.conn().zrange(key, 0, -1).await.map_err(|e| self.failed(e))?;
         self.remove(&device.site, &[(device.clone(), ids)]).await
     }
 

@@ -451,3 +451,36 @@ async fn with_wait_replicas_a_send_waits_for_the_replica() {
     assert!(matches!(&out, Err(StoreError::Unavailable(reason)) if reason.contains("0 of 1 replicas")), "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(8), "within the timeout: {:?}", started.elapsed());
 }
+
+/// A node whose Redis stops answering is unready from the first failed operation (so it refuses
+/// connects at once), not from its next heartbeat; and ready again once Redis answers.
+#[tokio::test]
+async fn the_first_failed_operation_makes_the_node_unready() {
+    let redis = OwnRedis::start(&[]);
+    let port = redis.port;
+    let options = RedisOptions {
+        target: Target {
+            urls: vec![format!("redis://127.0.0.1:{port}/")],
+            cluster: false,
+            timeout: Duration::from_millis(500),
+        },
+        prefix: prefix("unready"),
+        wait_replicas: 0,
+    };
+    let store = RedisStore::open(options).await.unwrap();
+    assert!(store.is_open(), "the first heartbeat ran before open returned");
+    send_one(&store, "[1]").await.unwrap();
+    drop(redis);
+    assert!(matches!(send_one(&store, "[2]").await, Err(StoreError::Unavailable(_))));
+    assert!(!store.is_open(), "unready at once");
+    let _again = OwnRedis::start(&["--port", &port.to_string()]);
+    let mut back = false;
+    for _ in 0..50 {
+        if send_one(&store, "[3]").await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back && store.is_open(), "ready again once Redis answers");
+}
