@@ -123,6 +123,17 @@ function collector(version, target, opts) {
   return c;
 }
 
+/** `count` collectors of both generations on websocket that reconnect as apps do, all settled. */
+async function reconnectingCollectors(target, count, prefix) {
+  const clients = [];
+  for (let u = 0; u < count; u++) {
+    const opts = { token: `t${u}`, deviceId: `${prefix}${u}`, transports: ["websocket"], reconnect: true };
+    clients.push(collector(VERSIONS[u % 2], target, opts));
+  }
+  await Promise.all(clients.map((c) => c.connected.then(() => c.waitFor("_settings"))));
+  return clients;
+}
+
 /** POSTs message `n` to `target` as a website that retries (same Idempotency-Key) until 200. */
 async function sendUntilAccepted(target, body, key, { tries = 100 } = {}) {
   for (let i = 0; i < tries; i++) {
@@ -297,12 +308,7 @@ describe("behind HAProxy", () => {
   test("a node killed with kill -9 under load loses nothing: its clients come back through HAProxy and get their _batch", async () => {
     const { nodes, proxy } = await startCluster("kill", 2, { DEVICE_TTL: "3600" });
     const target = { url: proxy.url, port: proxy.port };
-    const clients = [];
-    for (let u = 0; u < 16; u++) {
-      const opts = { token: `t${u}`, deviceId: `k${u}`, transports: ["websocket"], reconnect: true };
-      clients.push(collector(VERSIONS[u % 2], target, opts));
-    }
-    await Promise.all(clients.map((c) => c.connected.then(() => c.waitFor("_settings"))));
+    const clients = await reconnectingCollectors(target, 16, "k");
     const TOTAL = 150;
     let retried = 0;
     const sender = (async () => {
@@ -323,12 +329,7 @@ describe("behind HAProxy", () => {
   test("Redis killed under load: 503 and unready while it is down, nothing answered 200 lost, service back by itself", async () => {
     const { nodes, proxy } = await startCluster("redis-restart");
     const target = { url: proxy.url, port: proxy.port };
-    const clients = [];
-    for (let u = 0; u < 12; u++) {
-      const opts = { token: `t${u}`, deviceId: `r${u}`, transports: ["websocket"], reconnect: true };
-      clients.push(collector(VERSIONS[u % 2], target, opts));
-    }
-    await Promise.all(clients.map((c) => c.connected.then(() => c.waitFor("_settings"))));
+    const clients = await reconnectingCollectors(target, 12, "r");
     const TOTAL = 120;
     let outage;
     const sender = (async () => {
