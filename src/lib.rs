@@ -21,7 +21,9 @@
 //! - `delivery`: persist, fan out, acks, `_batch`, `_resync`, presence.
 //! - `metrics`: Prometheus metrics and the totals behind the status page.
 //! - `callbacks`: calls to the customer's website (auth, presence PUT).
-//! - `store`: the `Store` trait, its sled backend and in-memory twin.
+//! - `store`: the `Store` trait, its sled and Redis backends and in-memory twin.
+//! - `snapshot`: the backup file format, independent of the backend.
+//! - `backup`: the operator commands `backup`, `restore` and `verify`.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -43,6 +45,7 @@ pub mod relay;
 pub mod reload;
 pub mod shutdown;
 pub mod sites;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -11,7 +11,8 @@ use async_trait::async_trait;
 
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
-    Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
+    Export, Idempotency, InOrder, Loaded, MessageId, Millis, QueueLimits, Queued, Record, Resync, SiteStats, Store,
+    StoreError,
 };
 
 /// Keeps everything in process memory. Cloning shares the same state.
@@ -278,5 +279,95 @@ impl Store for MemoryStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn export(&self) -> Result<Export, StoreError> {
+        let state = self.lock();
+        let mut records = Vec::new();
+        for ((site, user), rooms) in &state.users {
+            records.push(Record::User { site: site.to_string(), user: user.to_string(), rooms: rooms.clone() });
+        }
+        let mut shared = HashMap::<MessageId, usize>::new();
+        for queue in state.queues.values() {
+            for id in queue.keys() {
+                *shared.entry(*id).or_default() += 1;
+            }
+        }
+        for (key, device) in &state.devices {
+            records.push(Record::Device { key: key.clone(), state: device.clone() });
+            for message in state.queues.get(key).into_iter().flat_map(|q| q.values()) {
+                let shared = shared[&message.id] > 1;
+                records.push(Record::Message { device: key.clone(), message: message.clone(), shared });
+            }
+        }
+        let mut keys: Vec<_> = state.keys.iter().collect();
+        keys.sort();
+        for ((site, key), (fingerprint, expires_at)) in keys {
+            let record = Idempotency { key: key.clone(), fingerprint: *fingerprint, expires_at: *expires_at };
+            records.push(Record::Idempotency { site: site.clone(), record });
+        }
+        Ok(Export {
+            next_id: state.next_id,
+            write: Box::new(move |sink| {
+                for record in records {
+                    sink(record).map_err(|e| StoreError::Io(e.to_string()))?;
+                }
+                Ok(())
+            }),
+        })
+    }
+
+    async fn load(&self, records: Vec<Record>) -> Result<Loaded, StoreError> {
+        let mut state = self.lock();
+        let mut loaded = Loaded::default();
+        for record in records {
+            let written = match record {
+                Record::User { site, user, rooms } => {
+                    state.users.insert((site.as_str().into(), user.as_str().into()), rooms);
+                    true
+                }
+                Record::Device { key, state: device } => match state.devices.contains_key(&key) {
+                    true => false,
+                    false => {
+                        let device = DeviceState { queue_len: 0, queue_bytes: 0, ..device };
+                        state.devices.insert(key, device);
+                        true
+                    }
+                },
+                Record::Message { device, message, .. } => {
+                    state.next_id = state.next_id.max(message.id + 1);
+                    let state = &mut *state;
+                    let Some(dev) = state.devices.get_mut(&device) else {
+                        return Err(StoreError::Corrupt { key: format!("a message of the unknown device {device:?}") });
+                    };
+                    match state.queues.entry(device).or_default().entry(message.id) {
+                        std::collections::btree_map::Entry::Occupied(_) => false,
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            dev.queue_len += 1;
+                            dev.queue_bytes += message.entry.len() as u64;
+                            e.insert(message);
+                            true
+                        }
+                    }
+                }
+                Record::Ids { next } => {
+                    let raised = next > state.next_id;
+                    state.next_id = state.next_id.max(next);
+                    raised
+                }
+                Record::Idempotency { site, record } => match state.keys.entry((site, record.key)) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert((record.fingerprint, record.expires_at));
+                        true
+                    }
+                },
+            };
+            match written {
+                true => loaded.written += 1,
+                false => loaded.skipped += 1,
+            }
+        }
+        Ok(loaded)
     }
 }

@@ -279,6 +279,9 @@ pub enum StoreError {
     /// The store's writer has stopped (shutdown, a failed sync, or a crash of its thread).
     #[error("the store is closed")]
     Closed,
+    /// This backend cannot do what was asked (a backup of Redis, say).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The data directory was written by an incompatible version.
     #[error("data dir has schema version {found}, this build reads {expected}")]
     Schema {
@@ -287,6 +290,75 @@ pub enum StoreError {
         /// The version this build writes.
         expected: u32,
     },
+}
+
+/// One piece of a store's state, as a backup (`crate::snapshot`) or an import carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A user room's latest room list.
+    User {
+        /// The site.
+        site: String,
+        /// The user room.
+        user: String,
+        /// Its room list.
+        rooms: Vec<String>,
+    },
+    /// A device. Its queue figures are ignored: the queue is what its messages make it.
+    Device {
+        /// Which.
+        key: DeviceKey,
+        /// Its state.
+        state: DeviceState,
+    },
+    /// A message in a device's queue.
+    Message {
+        /// Whose queue.
+        device: DeviceKey,
+        /// The message.
+        message: Queued,
+        /// Queued for several devices under the same id (kept once where the backend can).
+        shared: bool,
+    },
+    /// Message ids below `next` may be in use: later ones are given out from there (a snapshot
+    /// carries it in its header).
+    Ids {
+        /// The first id free.
+        next: MessageId,
+    },
+    /// A `/send` retry guard.
+    Idempotency {
+        /// The site.
+        site: String,
+        /// The key, its request's fingerprint and expiry.
+        record: Idempotency,
+    },
+}
+
+/// A consistent copy of a store's state, taken when [`Store::export`] answered: `write` streams
+/// it, in the order a snapshot holds it (users, then each device followed by its queue in send
+/// order, then idempotency keys). It runs on the calling thread and may block: call it from a
+/// blocking thread. The store keeps serving meanwhile.
+pub struct Export {
+    /// Every message id in the copy is below this.
+    pub next_id: MessageId,
+    /// Streams the records to a sink; stops at the sink's first error.
+    pub write: ExportFn,
+}
+
+/// The body of an [`Export`].
+pub type ExportFn = Box<dyn FnOnce(&mut RecordSink<'_>) -> Result<(), StoreError> + Send>;
+
+/// Where an [`Export`] puts its records.
+pub type RecordSink<'a> = dyn FnMut(Record) -> std::io::Result<()> + 'a;
+
+/// What [`Store::load`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Records written.
+    pub written: u64,
+    /// Records skipped because the store already held them (a second run of an import).
+    pub skipped: u64,
 }
 
 /// The durable state of sio-push. See the module docs for the guarantees.
@@ -360,6 +432,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// A consistent copy of everything, as of now: every change answered before this call is
+    /// in it, none begun after it. See [`Export`].
+    async fn export(&self) -> Result<Export, StoreError> {
+        Err(StoreError::Unsupported("this store has no backup of its own: back up Redis with its own tools"))
+    }
+
+    /// Writes records as they are (ids included), in the order given: a device before its
+    /// messages. A device, message or idempotency key the store already holds is skipped, so
+    /// loading the same records twice changes nothing; a user's room list is replaced. Message
+    /// ids given out later are above every id loaded. Durable once [`Store::flush`] returns.
+    async fn load(&self, records: Vec<Record>) -> Result<Loaded, StoreError> {
+        let _ = records;
+        Err(StoreError::Unsupported("loading a backup or an import is built for the embedded store only"))
+    }
 
     /// The store accepts writes (for `/readyz`).
     fn is_open(&self) -> bool {

@@ -792,6 +792,42 @@ conformance!(
     racing_connects_never_pass_the_device_cap,
 );
 
+mod backup;
+
+/// Backup cases, from one store into another of the same kind (Redis has no backup of its own).
+macro_rules! backups {
+    ($($case:ident),* $(,)?) => {
+        mod backups {
+            $(mod $case {
+                #[tokio::test]
+                async fn memory() {
+                    super::super::backup::$case(&super::super::MemoryStore::new(), &super::super::MemoryStore::new()).await;
+                }
+                #[tokio::test]
+                async fn sled() {
+                    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+                    let open = |dir: &tempfile::TempDir| super::super::SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+                    let (from, into) = (open(&a), open(&b));
+                    super::super::backup::$case(&from, &into).await;
+                    into.audit().await.unwrap();
+                }
+                #[tokio::test]
+                async fn sled_checkpointing() {
+                    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+                    let open = |dir: &tempfile::TempDir| {
+                        super::super::SledStore::open_with(dir.path(), 1 << 20, 0, std::time::Duration::ZERO).unwrap()
+                    };
+                    let (from, into) = (open(&a), open(&b));
+                    super::super::backup::$case(&from, &into).await;
+                    into.audit().await.unwrap();
+                }
+            })*
+        }
+    };
+}
+
+backups!(a_backup_restores_the_same_state, loading_a_backup_twice_changes_nothing);
+
 /// A copy of the data dir taken while the store runs is what `kill -9` would leave: what was
 /// answered as durable must be in it, whether or not sled has flushed it yet.
 #[tokio::test]
@@ -993,4 +1029,55 @@ async fn sled_recovers_every_change_over_repeated_crashes() {
         dir = crash_image(dir.path());
         drop(store);
     }
+}
+
+/// An export is the state as of its call, whatever changes come while it is read, and while it
+/// is held sled is given nothing (the log keeps the changes); once it is gone, checkpoints go on.
+#[tokio::test]
+async fn sled_export_is_the_state_when_it_began_while_changes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(dir.path(), 1 << 20, 0, Duration::ZERO).unwrap();
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(send(&store, &["user_1"], &format!("[{i}]"), 0).await.id);
+    }
+    let before = entries(&store, &d).await;
+    for round in 0..2 {
+        let late = dev(&format!("late_{round}"), "b");
+        let export = store.export().await.unwrap();
+        ack(&store, &d, &ids[..25]).await;
+        for i in 0..30 {
+            send(&store, &["user_1"], &format!("[\"later\",{i}]"), 0).await;
+        }
+        store.connect(&late, &rooms(&[&late.user]), None).await.unwrap();
+        assert!(super::sled::wal::records(dir.path()) > 0, "round {round}: sled was given nothing");
+        if round == 0 {
+            drop(export); // abandoned: the pin goes with it
+        } else {
+            let bytes = tokio::task::spawn_blocking(move || crate::snapshot::write(export, Vec::new(), 0).unwrap().1);
+            let bytes = bytes.await.unwrap();
+            let copy = MemoryStore::new();
+            crate::snapshot::load(&copy, crate::snapshot::SnapshotReader::new(&bytes[..]).unwrap()).await.unwrap();
+            assert_eq!(entries(&copy, &d).await, before);
+            assert_eq!(copy.device(&late).await.unwrap(), None);
+        }
+        // Unpinned: the next rounds checkpoint everything logged (bounded wait).
+        let mut waited = 0;
+        while super::sled::wal::records(dir.path()) > 0 {
+            assert!(waited < 500, "round {round}: checkpoints did not resume");
+            store.disconnect(&late, 1).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
+        for id in store.pending(&d).await.unwrap().iter().map(|q| q.id).collect::<Vec<_>>() {
+            ack(&store, &d, &[id]).await;
+        }
+        for (i, id) in ids.iter_mut().enumerate() {
+            *id = send(&store, &["user_1"], &format!("[{i}]"), 0).await.id;
+        }
+    }
+    store.audit().await.unwrap();
 }

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use sled::Tree;
 use tokio::sync::{mpsc, oneshot};
 
+mod backup;
 mod keys;
 mod round;
 pub(super) mod wal;
@@ -27,7 +28,8 @@ use self::round::{Changes, Op, Pending, Scan, View};
 use self::wal::{is_sync_failure, Wal};
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
-    Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
+    Export, Idempotency, InOrder, Loaded, MessageId, Millis, QueueLimits, Queued, Record, Resync, SiteStats, Store,
+    StoreError,
 };
 
 /// The layout version this build reads and writes. Version 1 (a copy of a message in every
@@ -52,6 +54,8 @@ const MAX_CACHED_MEMBERS: usize = 1_000_000;
 const MAX_INDEXED_EVENTS: usize = 1_000_000;
 /// Most expired devices, and most expired idempotency keys, one job of a sweep forgets.
 const SWEEP_STEP: usize = 5_000;
+/// How often an idle writer looks whether an export still pins sled's tree.
+const PINNED_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Time after which logged changes are checkpointed into sled.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -171,6 +175,8 @@ struct Writer {
     space: DiskSpace,
     /// Set when the writer must stop: see [`Writer::fail`].
     failure: Arc<OnceLock<String>>,
+    /// Held by each export under way (`backup.rs`): while it is, sled is given nothing.
+    pin: Arc<()>,
 }
 
 /// Message ids. They must grow with send order across restarts and crashes, and are never used
@@ -391,6 +397,7 @@ impl SledStore {
             sync: Sync::open(dir)?,
             space: DiskSpace::new(dir, min_free_bytes)?,
             failure: Arc::new(OnceLock::new()),
+            pin: Arc::new(()),
         };
         if replayed > 0 {
             writer.checkpoint().map_err(StoreError::Io)?;
@@ -546,7 +553,9 @@ impl Writer {
             for reply in waiting.drain(..) {
                 reply(committed.clone());
             }
-            if self.wal.is_sealed() {
+            if self.pinned() {
+                // An export reads sled's tree: it is given nothing until the export ends.
+            } else if self.wal.is_sealed() {
                 step_while_idle = self.checkpoint_step();
             } else if self.wal.len() >= CHECKPOINT_BYTES
                 || (self.wal.len() > 0 && self.checkpointed.elapsed() >= self.checkpoint_every)
@@ -555,6 +564,14 @@ impl Writer {
             }
         }
         if self.failure.get().is_some() {
+            return;
+        }
+        if self.pinned() {
+            // An export still reads sled's tree: leave the changes to the log, which the next
+            // start replays.
+            if let Err(e) = self.commit(true) {
+                tracing::error!(error.message = %e, "final store write failed");
+            }
             return;
         }
         if let Err(e) = self.commit(true).map_err(|e| e.to_string()).and_then(|()| self.checkpoint()) {
@@ -628,6 +645,10 @@ impl Writer {
 
     /// How long until the checkpoint under way has a step to take; `None` if none is.
     fn checkpoint_wait(&self) -> Option<std::time::Duration> {
+        if self.pinned() {
+            // Look again in a while: the export may be over.
+            return (!self.frozen.is_empty()).then_some(PINNED_POLL);
+        }
         match (self.frozen.is_empty(), &self.drain_from) {
             (true, _) => None,
             (false, Some(_)) => Some(std::time::Duration::ZERO),
@@ -645,6 +666,9 @@ impl Writer {
     /// and releases the sealed log file. `false` if it failed (logged): retried after the next
     /// round.
     fn checkpoint_step(&mut self) -> bool {
+        if self.pinned() {
+            return true;
+        }
         let step = match self.drain_from.take() {
             Some(from) => match self.frozen.drain_some_old_into(&self.tree, CHECKPOINT_STEP, &from) {
                 Ok(next) => {
@@ -1249,24 +1273,29 @@ fn read_rooms(view: &impl View, key: &[u8]) -> Result<Vec<String>, StoreError> {
 }
 
 fn read_queue(view: &impl View, dev: &DeviceKey) -> Result<Vec<Queued>, StoreError> {
-    let prefix = keys::queue(dev)?;
-    view.scan(&prefix)
-        .map(|item| {
-            let (k, v) = item?;
-            let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
-            let id = keys::queued_id(&k).ok_or_else(|| corrupt(&k))?;
-            let queued = keys::split_queued_value(&v).ok_or_else(|| corrupt(&k))?;
-            let entry = match queued.inline {
-                Some(entry) => Arc::from(entry),
-                None => {
-                    let key = keys::body(id);
-                    let body = view.get(&key)?.ok_or_else(|| corrupt(&key))?;
-                    Arc::from(std::str::from_utf8(&body).map_err(|_| corrupt(&key))?)
-                }
-            };
-            Ok(Queued { id, queued_at: queued.at, entry })
-        })
-        .collect()
+    queue_entries(view, &keys::queue(dev)?).map(|item| item.map(|(queued, _)| queued)).collect()
+}
+
+/// A queue's messages, oldest first, each with whether it is kept once for several devices.
+fn queue_entries<'a>(
+    view: &'a impl View,
+    prefix: &[u8],
+) -> impl Iterator<Item = Result<(Queued, bool), StoreError>> + 'a {
+    view.scan(prefix).map(move |item| {
+        let (k, v) = item?;
+        let corrupt = |key: &[u8]| StoreError::Corrupt { key: keys::show(key) };
+        let id = keys::queued_id(&k).ok_or_else(|| corrupt(&k))?;
+        let queued = keys::split_queued_value(&v).ok_or_else(|| corrupt(&k))?;
+        let entry = match queued.inline {
+            Some(entry) => Arc::from(entry),
+            None => {
+                let key = keys::body(id);
+                let body = view.get(&key)?.ok_or_else(|| corrupt(&key))?;
+                Arc::from(std::str::from_utf8(&body).map_err(|_| corrupt(&key))?)
+            }
+        };
+        Ok((Queued { id, queued_at: queued.at, entry }, queued.inline.is_none()))
+    })
 }
 
 /// Rewrites the queue entries of a schema 1 data dir in today's layout, each keeping its message
@@ -1604,6 +1633,14 @@ impl Store for SledStore {
         .await
     }
 
+    async fn export(&self) -> Result<Export, StoreError> {
+        self.export_now().await
+    }
+
+    async fn load(&self, records: Vec<Record>) -> Result<Loaded, StoreError> {
+        self.load_now(records).await
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.job(Durability::Synced, |_| Ok(())).await
     }
@@ -1617,17 +1654,18 @@ impl Store for SledStore {
     }
 }
 
-#[cfg(test)]
 impl SledStore {
-    /// Checks what the store keeps against itself: each message kept once is referred to by
-    /// exactly as many queue entries as its count says, and the writer's counts and event index
-    /// match the queues. `Err` names the first mismatch.
-    async fn audit(&self) -> Result<(), String> {
+    /// Checks what the store keeps against itself (`sio-push verify`, and tests after every
+    /// change): every queue belongs to a registered device and holds ids below those given out;
+    /// each message kept once is referred to by exactly as many queue entries as its count says;
+    /// the indexes (shared rooms, disconnected devices by time, idempotency keys by expiry)
+    /// match their records; the writer's counts and event index match the queues. `Err` names
+    /// the first mismatch.
+    pub async fn audit(&self) -> Result<(), String> {
         self.job(Durability::Written, |w| Ok(w.audit())).await.map_err(|e| e.to_string())?
     }
 }
 
-#[cfg(test)]
 impl Writer {
     fn audit(&mut self) -> Result<(), String> {
         let all = |w: &Writer, kind: u8| -> Result<Vec<(sled::IVec, sled::IVec)>, String> {
@@ -1644,14 +1682,53 @@ impl Writer {
             (counts.len, counts.bytes) = (counts.len + 1, counts.bytes + queued.size);
             events.entry(queued.event.into()).or_default().insert(id);
         }
+        for prefix in queues.keys() {
+            let parts = keys::parts(prefix).ok_or("a bad queue key")?;
+            let [site, user, device] = parts.as_slice() else {
+                return Err(format!("a bad queue key {}", keys::show(prefix)));
+            };
+            if self
+                .get(&keys::device(&DeviceKey::new(site, user, device)).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                return Err(format!("the queue {} has no device", keys::show(prefix)));
+            }
+        }
+        if let Some(id) = queues.values().flat_map(|(_, events)| events.values()).filter_map(|ids| ids.last()).max() {
+            if *id >= self.ids.next {
+                return Err(format!("message id {id} is queued, but ids are given out from {}", self.ids.next));
+            }
+        }
+        let mut members = BTreeSet::new();
+        for (k, v) in all(self, keys::USER)? {
+            let parts = keys::parts(&k).ok_or("a bad user key")?;
+            let [site, user] = parts.as_slice() else { return Err(format!("a bad user key {}", keys::show(&k))) };
+            let list: Vec<String> =
+                serde_json::from_slice(&v).map_err(|_| format!("a bad room list under {}", keys::show(&k)))?;
+            for room in list {
+                members.insert(keys::room(site, &room, user).map_err(|e| e.to_string())?);
+            }
+        }
+        let indexed: BTreeSet<Vec<u8>> = all(self, keys::ROOM)?.into_iter().map(|(k, _)| k.to_vec()).collect();
+        if indexed != members {
+            return Err(format!(
+                "{} shared-room memberships in the room lists, {} in the index",
+                members.len(),
+                indexed.len()
+            ));
+        }
         let counted: BTreeMap<MessageId, u64> = all(self, keys::REFS)?
             .iter()
-            .map(|(k, v)| (keys::queued_id(k).unwrap(), u64::from_be_bytes(v.as_ref().try_into().unwrap())))
-            .collect();
+            .map(|(k, v)| {
+                let count = v.as_ref().try_into().map(u64::from_be_bytes);
+                keys::queued_id(k).zip(count.ok()).ok_or_else(|| format!("a bad reference count {}", keys::show(k)))
+            })
+            .collect::<Result<_, _>>()?;
         if counted != referred {
             return Err(format!("references counted {counted:?}, queue entries refer {referred:?}"));
         }
-        let bodies: Vec<MessageId> = all(self, keys::BODY)?.iter().map(|(k, _)| keys::queued_id(k).unwrap()).collect();
+        let bodies: Vec<MessageId> = all(self, keys::BODY)?.iter().filter_map(|(k, _)| keys::queued_id(k)).collect();
         if bodies != counted.keys().copied().collect::<Vec<_>>() {
             return Err(format!("messages kept {bodies:?}, counted {counted:?}"));
         }
@@ -1719,6 +1796,7 @@ mod tests {
             for (dev, user) in [(&a, "user_1"), (&b, "user_2")] {
                 tree.insert(keys::device(dev).unwrap(), encode(&DeviceState::default())).unwrap();
                 tree.insert(keys::user("site", user).unwrap(), br#"["staff"]"#.to_vec()).unwrap();
+                tree.insert(keys::room("site", "staff", user).unwrap(), b"").unwrap();
             }
             let (qa, qb) = (keys::queue(&a).unwrap(), keys::queue(&b).unwrap());
             tree.insert(keys::queued(&qa, 7), v1(70, r#"["e",1]"#)).unwrap();

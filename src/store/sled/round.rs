@@ -50,7 +50,7 @@ impl Changes {
 }
 
 /// The latest change of a key since the last checkpoint.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Change {
     /// Its value; `fresh` when sled has no value of it.
     Put {
@@ -79,6 +79,16 @@ impl Pending {
         for (key, op) in changes.0 {
             self.apply_one(key, op);
         }
+    }
+
+    /// A copy of `layers` as one, each later layer over the earlier ones: what a reader of the
+    /// tree must see over it.
+    pub fn stacked(layers: &[&Pending]) -> Pending {
+        let mut out = BTreeMap::new();
+        for layer in layers {
+            out.extend(layer.0.iter().map(|(k, c)| (k.clone(), c.clone())));
+        }
+        Pending(out)
     }
 
     /// Adds one change of a job's.
