@@ -76,7 +76,13 @@ impl Application {
                     SledStore::open(&dir, cache, min_free).map_err(anyhow::Error::from)
                 })
                 .await?
-                .with_context(|| format!("cannot open the store in {}", server.data_dir.display()))?;
+                .with_context(|| {
+                    format!(
+                        "cannot open the store in {dir}; `sio-push verify --data-dir {dir}` checks it, and \
+                         `sio-push restore --force` puts the last backup in its place",
+                        dir = server.data_dir.display()
+                    )
+                })?;
                 let left_connected = sled.disconnect_all(now_ms()).await?;
                 tracing::info!(data_dir = %server.data_dir.display(), devices_left_connected = left_connected, "store open");
                 (Arc::new(sled.clone()), Some(sled))

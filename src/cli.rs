@@ -28,6 +28,73 @@ pub enum Command {
     Status(StatusArgs),
     /// POST a message to /send (for operations and smoke tests).
     Send(SendArgs),
+    /// Write a snapshot of the store to a file: from the running service through the admin API,
+    /// or from a stopped data directory with --data-dir.
+    Backup(BackupArgs),
+    /// Replace a stopped service's data directory with a snapshot's contents.
+    Restore(RestoreArgs),
+    /// Check a stopped service's data directory and print what it holds; exits 1 on damage.
+    Verify(VerifyArgs),
+}
+
+/// Which data directory, as `serve` finds it.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Config file [default: /etc/sio-push/config.toml if it exists, else built-in defaults].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Data directory [env: SIO_PUSH_DATA_DIR] [default: data_dir in the config].
+    #[arg(long, value_name = "PATH")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The configuration sources these flags name.
+    pub fn sources(&self) -> Sources {
+        Sources { file: self.config.clone(), data_dir: self.data_dir.clone(), ..Sources::default() }
+    }
+}
+
+/// `sio-push backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The file to write (written as FILE.partial, renamed once whole and checked).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Read a stopped service's data directory instead of asking the running service.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Admin API base URL [default: admin.listen in the config].
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    pub admin_url: Option<String>,
+    /// Admin token [default: admin.token in the config].
+    #[arg(long, env = "SIO_PUSH_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `sio-push restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot to restore.
+    #[arg(long, short, value_name = "FILE")]
+    pub input: PathBuf,
+    /// Where to restore to.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Replace a data directory that is not empty (its contents are moved aside, not deleted).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `sio-push verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Which data directory.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to put the copy that is opened (opening sled writes) [default: the temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
 }
 
 /// `sio-push status`.

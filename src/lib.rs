@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backup;
 pub mod callbacks;
 pub mod cli;
 pub mod config;

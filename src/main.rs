@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use anyhow::Context;
 use sio_push::cli::{Cli, Command, ImportArgs};
 use sio_push::config::Sources;
-use sio_push::{import, ops, shutdown, telemetry, Config};
+use sio_push::{backup, import, ops, shutdown, telemetry, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -29,25 +29,67 @@ fn main() -> ExitCode {
             }
         },
         Command::ImportConfig(args) => import_config(&args),
-        Command::Status(args) => operate(args.config.clone(), |config| async move {
-            print!("{}", ops::status(&config, args.admin_url, args.token).await?);
+        Command::Backup(args) => operate(args.data.sources(), |config| async move {
+            let summary = match &args.data.data_dir {
+                Some(_) => backup::backup_offline(&config, &args.output).await?,
+                None => backup::backup_online(&config, args.admin_url, args.token, &args.output).await?,
+            };
+            let mut report = format!("wrote {}: ", args.output.display());
+            backup::summarize(&summary, &mut report);
+            eprint!("{report}");
             Ok(())
         }),
-        Command::Send(args) => operate(args.config.clone(), |config| async move {
-            let args_json = match &args.args {
-                Some(text) => Some(serde_json::from_str(text).context("--args is not JSON")?),
-                None => None,
-            };
-            let request = ops::SendRequest {
-                site: args.site.clone(),
-                rooms: args.rooms.clone(),
-                event: args.event.clone(),
-                args: args_json,
-                resync: args.resync,
-            };
-            println!("{}", ops::send(&config, args.url, args.api_key, &request).await?);
+        Command::Restore(args) => operate(args.data.sources(), |config| async move {
+            let restored = backup::restore(&config, &args.input, args.force).await?;
+            let mut report = format!("restored {} into {}: ", args.input.display(), config.server.data_dir.display());
+            backup::summarize(&restored.summary, &mut report);
+            if let Some(aside) = restored.kept_aside {
+                report.push_str(&format!(
+                    "the earlier contents are in {} (remove it once you no longer need it)\n",
+                    aside.display()
+                ));
+            }
+            eprint!("{report}");
             Ok(())
         }),
+        Command::Verify(args) => operate(args.data.sources(), |config| async move {
+            let verified = backup::verify(&config, args.scratch.as_deref()).await?;
+            print!("{}", verified.report);
+            for damage in &verified.damage {
+                println!("DAMAGE: {damage}");
+            }
+            match verified.damage.is_empty() {
+                true => println!("no damage found"),
+                false => anyhow::bail!(
+                    "the data directory is damaged: restore the last backup (sio-push restore --force), or keep what \
+                         reads with sio-push backup --data-dir and restore that"
+                ),
+            }
+            Ok(())
+        }),
+        Command::Status(args) => {
+            operate(Sources { file: args.config.clone(), ..Sources::default() }, |config| async move {
+                print!("{}", ops::status(&config, args.admin_url, args.token).await?);
+                Ok(())
+            })
+        }
+        Command::Send(args) => {
+            operate(Sources { file: args.config.clone(), ..Sources::default() }, |config| async move {
+                let args_json = match &args.args {
+                    Some(text) => Some(serde_json::from_str(text).context("--args is not JSON")?),
+                    None => None,
+                };
+                let request = ops::SendRequest {
+                    site: args.site.clone(),
+                    rooms: args.rooms.clone(),
+                    event: args.event.clone(),
+                    args: args_json,
+                    resync: args.resync,
+                };
+                println!("{}", ops::send(&config, args.url, args.api_key, &request).await?);
+                Ok(())
+            })
+        }
         Command::Serve(args) => {
             let config = match Config::load(&args.sources()) {
                 Ok(config) => config,
@@ -110,12 +152,12 @@ fn import_config(args: &ImportArgs) -> ExitCode {
 }
 
 /// Runs an operator command with the configuration it takes its defaults from.
-fn operate<F, Fut>(config: Option<std::path::PathBuf>, command: F) -> ExitCode
+fn operate<F, Fut>(sources: Sources, command: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let config = match Config::load(&Sources { file: config, ..Sources::default() }) {
+    let config = match Config::load(&sources) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");

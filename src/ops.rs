@@ -31,8 +31,12 @@ fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?)
 }
 
-/// Fetches `/api/status` and renders it as a table.
-pub async fn status(config: &Config, admin_url: Option<String>, token: Option<String>) -> anyhow::Result<String> {
+/// The admin API's base URL and token: as given, else from the configuration.
+pub fn admin_access(
+    config: &Config,
+    admin_url: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<(String, String)> {
     let admin = config.admin.as_ref();
     let url = admin_url
         .or_else(|| admin.map(|a| local_url(a.listen)))
@@ -40,6 +44,12 @@ pub async fn status(config: &Config, admin_url: Option<String>, token: Option<St
     let token = token
         .or_else(|| admin.map(|a| a.token.expose_secret().to_owned()))
         .context("no admin token: pass --token, set SIO_PUSH_ADMIN_TOKEN or configure [admin] token")?;
+    Ok((url, token))
+}
+
+/// Fetches `/api/status` and renders it as a table.
+pub async fn status(config: &Config, admin_url: Option<String>, token: Option<String>) -> anyhow::Result<String> {
+    let (url, token) = admin_access(config, admin_url, token)?;
     let response = client()?
         .get(format!("{}/api/status", url.trim_end_matches('/')))
         .bearer_auth(token)

@@ -9,7 +9,9 @@
 //! - `GET /api/sites/{site}/rooms/{room}/devices`: a user room's devices and their queues.
 //! - `DELETE /api/sites/{site}/rooms/{room}/queue?device=ID`: drop one device's queue.
 //! - `POST /api/reload`: re-read the configuration (as SIGHUP does).
+//! - `GET /api/backup`: a snapshot of the store (`sio-push backup`), streamed.
 
+mod backup;
 mod history;
 
 use axum::extract::{Path, Query, Request, State};
@@ -34,6 +36,7 @@ pub fn router(state: AppState, token: ApiKey) -> Router {
         .route("/api/sites/{site}/rooms/{room}/devices", get(devices))
         .route("/api/sites/{site}/rooms/{room}/queue", delete(drop_queue))
         .route("/api/reload", post(reload))
+        .route("/api/backup", get(backup::backup))
         .route_layer(middleware::from_fn_with_state(token, require_token));
     Router::new().route("/", get(page)).merge(api).with_state(state)
 }

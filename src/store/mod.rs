@@ -279,6 +279,9 @@ pub enum StoreError {
     /// The store's writer has stopped (shutdown, a failed sync, or a crash of its thread).
     #[error("the store is closed")]
     Closed,
+    /// The data directory is damaged beyond what recovery repairs: the store does not open.
+    #[error("data dir damaged: {0}")]
+    Damaged(String),
     /// This backend cannot do what was asked (a backup of Redis, say).
     #[error("{0}")]
     Unsupported(&'static str),

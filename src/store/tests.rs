@@ -1081,3 +1081,93 @@ async fn sled_export_is_the_state_when_it_began_while_changes_go_on() {
     }
     store.audit().await.unwrap();
 }
+
+/// sled recovers an emptied, cut or missing database file as an empty database: the store must
+/// not start on it as if it had never held anything (its messages silently gone).
+#[tokio::test]
+async fn sled_refuses_a_data_dir_whose_database_file_lost_its_contents() {
+    for damage in ["emptied", "cut", "removed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20, 0).unwrap();
+        store.connect(&dev("user_1", "a"), &rooms(&["user_1"]), None).await.unwrap();
+        send(&store, &["user_1"], "[\"e\",1]", 0).await;
+        store.close().await;
+        let db = dir.path().join("db");
+        match damage {
+            "emptied" => std::fs::File::create(&db).map(drop).unwrap(),
+            "cut" => std::fs::OpenOptions::new().write(true).open(&db).and_then(|f| f.set_len(100)).unwrap(),
+            _ => std::fs::remove_file(&db).unwrap(),
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let err = loop {
+            match SledStore::open(dir.path(), 1 << 20, 0) {
+                Err(StoreError::Io(e))
+                    if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => break other.err().unwrap_or_else(|| panic!("{damage}: opened as an empty store")),
+            }
+        };
+        assert!(matches!(err, StoreError::Damaged(_)), "{damage}: {err}");
+        assert!(err.to_string().contains("db was emptied, cut or replaced"), "{err}");
+    }
+}
+
+/// Exports taken at random moments while a device's queue changes, each checkpointing round
+/// pinned by the export or not: every export is exactly a state the queue was in between the
+/// export's call and its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_exports_taken_during_changes_are_each_a_state_the_store_was_in() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const OPS: usize = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(dir.path(), 1 << 20, 0, Duration::ZERO).unwrap();
+    let d = dev("user_1", "a");
+    store.connect(&d, &rooms(&["user_1"]), None).await.unwrap();
+    // The queue after each number of operations: op j sends ["m",j], every third acks the oldest.
+    let mut states = vec![Vec::<String>::new()];
+    let mut queue = std::collections::VecDeque::new();
+    for j in 0..OPS {
+        match j % 3 {
+            2 => drop(queue.pop_front()),
+            _ => queue.push_back(format!("[\"m\",{j}]")),
+        }
+        states.push(queue.iter().cloned().collect());
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let changes = {
+        let (store, d, done) = (store.clone(), d.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut ids = std::collections::VecDeque::new();
+            for j in 0..OPS {
+                match j % 3 {
+                    2 => ack(&store, &d, &[ids.pop_front().unwrap()]).await,
+                    _ => ids.push_back(send(&store, &["user_1"], &format!("[\"m\",{j}]"), 0).await.id),
+                }
+                done.store(j + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut exports = 0;
+    while !changes.is_finished() && exports < 300 {
+        let from = done.load(Ordering::SeqCst);
+        let export = store.export().await.unwrap();
+        let to = done.load(Ordering::SeqCst);
+        let bytes = tokio::task::spawn_blocking(move || crate::snapshot::write(export, Vec::new(), 0).unwrap().1);
+        let bytes = bytes.await.unwrap();
+        let mut reader = crate::snapshot::SnapshotReader::new(&bytes[..]).unwrap();
+        let mut got = Vec::new();
+        while let Some(record) = reader.next_record().unwrap() {
+            if let Record::Message { message, .. } = record {
+                got.push(message.entry.to_string());
+            }
+        }
+        let fits = (from..=(to + 1).min(OPS)).any(|j| states[j] == got);
+        assert!(fits, "export {exports}, taken after {from} to {to} operations, is no state in between: {got:?}");
+        exports += 1;
+    }
+    changes.await.unwrap();
+    assert!(exports >= 50, "only {exports} exports ran during the changes");
+    store.audit().await.unwrap();
+}

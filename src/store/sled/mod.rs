@@ -24,6 +24,8 @@ mod keys;
 mod round;
 pub(super) mod wal;
 
+pub use self::wal::FileReport as LogFileReport;
+
 use self::round::{Changes, Op, Pending, Scan, View};
 use self::wal::{is_sync_failure, Wal};
 use super::{
@@ -325,6 +327,12 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Reads the write-ahead log files in `dir` and reports on each (`sio-push verify`); changes
+/// nothing.
+pub fn wal_report(dir: &Path) -> std::io::Result<Vec<LogFileReport>> {
+    wal::inspect(dir)
+}
+
 /// A sled error as a store error.
 pub(super) fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -350,6 +358,16 @@ impl SledStore {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         let schema = match meta.get("schema").map_err(io)? {
+            // The schema is made durable before the log files are first created: a log without
+            // it means sled lost what it held (its file emptied, cut or replaced).
+            None if wal::FILE_NAMES.iter().any(|name| dir.join(name).exists()) => {
+                return Err(StoreError::Damaged(format!(
+                    "sled's database in {} holds nothing, yet the write-ahead log beside it shows the \
+                     directory in use: the file {}/db was emptied, cut or replaced",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
                 db.flush().map_err(io)?;

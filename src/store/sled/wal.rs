@@ -407,6 +407,51 @@ fn decode_round(mut payload: &[u8]) -> Option<sled::Batch> {
     Some(batch)
 }
 
+/// One log file, as `sio-push verify` reports it.
+#[derive(Debug)]
+pub struct FileReport {
+    /// Its name in the data directory.
+    pub name: &'static str,
+    /// Its size.
+    pub size: u64,
+    /// Its generation (`None`: the first layout, or no file).
+    pub generation: Option<u64>,
+    /// The records replay takes from it.
+    pub records: usize,
+    /// Where replay stops.
+    pub end: u64,
+    /// A whole record of the file's generation found past `end`: the record at `end` is damaged
+    /// or was cut. Replay ignores it and what follows. A crash while rounds not yet synced were
+    /// being written can leave this (the disk may write a later page first); anything else
+    /// means damage.
+    pub record_past_end: Option<u64>,
+}
+
+/// Reads both log files and reports on each; changes nothing.
+pub fn inspect(dir: &Path) -> io::Result<Vec<FileReport>> {
+    let mut reports = Vec::new();
+    for name in FILE_NAMES {
+        let bytes = match std::fs::read(dir.join(name)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let (generation, batches, end) = parse(&bytes);
+        let record_past_end = generation.and_then(|generation| {
+            (end + 1..bytes.len()).find(|at| !decode(&bytes, *at, Some(generation)).0.is_empty())
+        });
+        reports.push(FileReport {
+            name,
+            size: bytes.len() as u64,
+            generation,
+            records: batches.len(),
+            end: end as u64,
+            record_past_end: record_past_end.map(|at| at as u64),
+        });
+    }
+    Ok(reports)
+}
+
 /// The log's records in replay order: both files, the older generation first (reading the
 /// files only).
 #[cfg(test)]
