@@ -248,12 +248,23 @@ async fn open_existing(dir: &Path) -> anyhow::Result<SledStore> {
     if !dir.join("db").exists() {
         bail!("{} holds no sio-push data (no sled database in it)", dir.display());
     }
+    open_stopped(dir)
+}
+
+/// Opens (or creates) the store in the configured data directory for a command that writes to
+/// it, refusing one a running service holds.
+pub(crate) fn open_for_writing(config: &Config) -> anyhow::Result<SledStore> {
+    let dir = sled_dir(config)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    open_stopped(&dir)
+}
+
+fn open_stopped(dir: &Path) -> anyhow::Result<SledStore> {
     match SledStore::open(dir, CACHE_BYTES, 0) {
         Ok(store) => Ok(store),
-        Err(StoreError::Io(e)) if e.contains("could not acquire lock") => bail!(
-            "{} is in use: is the service running? Leave out --data-dir to back it up through the admin API",
-            dir.display()
-        ),
+        Err(StoreError::Io(e)) if e.contains("could not acquire lock") => {
+            bail!("{} is in use by a running service: stop it first (systemctl stop sio-push)", dir.display())
+        }
         Err(e) => Err(e).with_context(|| format!("cannot open the store in {}", dir.display())),
     }
 }

@@ -35,6 +35,20 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check a stopped service's data directory and print what it holds; exits 1 on damage.
     Verify(VerifyArgs),
+    /// Copy the messages the old Node.js service left queued in its Redis into the data
+    /// directory (both services stopped); safe to run again.
+    ImportRedis(ImportRedisArgs),
+}
+
+/// `sio-push import-redis`.
+#[derive(Debug, Args)]
+pub struct ImportRedisArgs {
+    /// The old service's Redis (its REDIS_URL), e.g. redis://:password@host:6379/0.
+    #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: String,
+    /// Which data directory, and the sites to import.
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 /// Which data directory, as `serve` finds it.

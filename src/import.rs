@@ -6,6 +6,8 @@
 //! printed: what this writes, `serve` reads. Settings with no meaning here (`redis`, `flakeid`,
 //! `servers`) are dropped with a note.
 
+pub mod redis;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -152,7 +154,11 @@ fn import_config(
                     set(doc, &["server", ours], number(path, &format!("io.{io_key}"), io_value)?.into());
                 }
             }
-            "redis" => notes.push("redis: sio-push keeps its data in its embedded store: dropped".into()),
+            "redis" => notes.push(
+                "redis: sio-push keeps its data in its embedded store: dropped. Its queued messages move with \
+                 `sio-push import-redis --redis-url URL` (both services stopped)"
+                    .into(),
+            ),
             "flakeid" | "servers" => notes.push(format!("{key}: not needed by sio-push: dropped")),
             other => notes.push(format!("{other}: unknown setting: dropped")),
         }

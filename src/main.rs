@@ -67,6 +67,30 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::ImportRedis(args) => operate(args.data.sources(), |config| async move {
+            let started = std::time::Instant::now();
+            let report = import::redis::import_into_data_dir(&config, &args.redis_url).await?;
+            for (site, s) in &report.sites {
+                eprintln!(
+                    "site {site}: {} devices ({} disconnected), {} queued messages",
+                    s.devices, s.disconnected, s.messages
+                );
+            }
+            for (site, keys) in &report.other_sites {
+                eprintln!("left: {keys} keys of site {site:?}, which the configuration does not name");
+            }
+            for left in &report.left {
+                eprintln!("left: {left}");
+            }
+            eprintln!(
+                "imported into {} in {:.1} s: {} records written, {} already there",
+                config.server.data_dir.display(),
+                started.elapsed().as_secs_f64(),
+                report.loaded.written,
+                report.loaded.skipped
+            );
+            Ok(())
+        }),
         Command::Status(args) => {
             operate(Sources { file: args.config.clone(), ..Sources::default() }, |config| async move {
                 print!("{}", ops::status(&config, args.admin_url, args.token).await?);

@@ -466,4 +466,4 @@ pub trait Store: Send + Sync + 'static {
 pub(crate) use self::rules::{devices_to_forget, entry_event, in_order, InOrder};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -142,7 +142,7 @@ test("restore refuses a damaged or cut file, a running service's dir, and a full
     assert.match(running.stderr, /in use by a running service: stop it first/);
     const offline = await cli(["backup", "--config", configPath, "--data-dir", dataDir, "-o", `${file}.2`]);
     assert.notEqual(offline.code, 0);
-    assert.match(offline.stderr, /is in use: is the service running\?/);
+    assert.match(offline.stderr, /in use by a running service: stop it first/);
     const verify = await cli(["verify", "--data-dir", dataDir]);
     assert.notEqual(verify.code, 0);
     assert.match(verify.stderr, /in use by a running service/);
