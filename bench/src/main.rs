@@ -16,6 +16,7 @@
 //! restarted server answers `/healthcheck` and a first `_batch` arrives, and its RSS). `smoke`
 //! runs each small, for the test suite: it checks correctness only.
 
+mod backup;
 mod client;
 mod server;
 mod store;
@@ -56,6 +57,9 @@ enum Scenario {
     /// The store alone, filled with N devices, K messages queued on each and N idempotency keys:
     /// what `/metrics` (the store's totals) and the sweep cost its writer.
     Store(StoreArgs),
+    /// A snapshot of N devices with K queued messages each: restore, verify, an online backup and
+    /// the /send latency while it runs; and `import-redis` of M messages in the old layout.
+    Backup(BackupArgs),
     /// Each, small, checking only correctness (for the test suite); `restart` only on sled.
     Smoke(Common),
 }
@@ -189,6 +193,25 @@ struct QueueArgs {
 }
 
 #[derive(Args)]
+struct BackupArgs {
+    /// The sio-push binary.
+    #[arg(long, default_value = "target/release/sio-push")]
+    server_bin: String,
+    /// Devices in the snapshot.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Messages queued on each.
+    #[arg(long, default_value_t = 100)]
+    per_device: usize,
+    /// Messages in the old service's Redis layout to import.
+    #[arg(long, default_value_t = 100_000)]
+    import_messages: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+}
+
+#[derive(Args)]
 struct StoreArgs {
     /// Registered devices (one user room each, all in one shared room), and idempotency keys.
     #[arg(long, default_value_t = 100_000)]
@@ -220,6 +243,10 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Queue(a) => run("queue", a.common.limit(), queue(&a.common, a.clients, a.rounds, a.bytes)).await,
         Scenario::Store(a) => {
             run("store", Duration::from_secs(a.timeout_secs), crate::store::run(a.devices, a.per_device)).await
+        }
+        Scenario::Backup(a) => {
+            let figures = backup::run(&a.server_bin, a.devices, a.per_device, a.import_messages);
+            run("backup", Duration::from_secs(a.timeout_secs), figures).await
         }
         Scenario::Smoke(common) => {
             let limit = common.limit().min(Duration::from_secs(120));

@@ -44,10 +44,24 @@ struct Node {
 }
 
 /// The `redis-server` the nodes share.
-struct Redis {
-    port: u16,
+pub struct Redis {
+    /// Its loopback port.
+    pub port: u16,
     child: Child,
     pid: u32,
+}
+
+/// The old service's environment for the one site `bench` (user rooms `user_N`, devices that
+/// never expire), with its data in `data`: what the server and the operator commands read.
+pub fn site_env(data: &std::path::Path, auth_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("SIO_PUSH_DATA_DIR", data.display().to_string()),
+        ("SITE_NAME", "bench".to_owned()),
+        ("AUTH_URL", auth_url.to_owned()),
+        ("API_KEY", "bench-key".to_owned()),
+        ("USER_ROOM_PREFIX", "user_".to_owned()),
+        ("DEVICE_TTL", "0".to_owned()),
+    ]
 }
 
 /// token `uN` -> rooms `user_N` and `all`.
@@ -64,25 +78,31 @@ impl Server {
 
     /// As [`Server::start`], on an existing data dir (see [`Server::stop`]).
     pub async fn start_on(bin: &str, store: Store, data: tempfile::TempDir) -> anyhow::Result<Self> {
+        Self::start_with(bin, store, data, Vec::new()).await
+    }
+
+    /// As [`Server::start_on`], with more environment variables.
+    pub async fn start_with(
+        bin: &str,
+        store: Store,
+        data: tempfile::TempDir,
+        extra: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let auth_addr = listener.local_addr()?;
         let auth = tokio::spawn(async move {
             let _ = axum::serve(listener, Router::new().route("/auth", get(auth))).await;
         });
-        let mut env = vec![
+        let mut env = site_env(data.path(), &format!("http://{auth_addr}/auth"));
+        env.extend([
             // Per-message log lines would measure the logger: keep warnings and the start line.
             ("RUST_LOG", "warn,sio_push::app=info".to_owned()),
             ("PORT", "0".to_owned()),
-            ("SIO_PUSH_DATA_DIR", data.path().display().to_string()),
-            ("SITE_NAME", "bench".to_owned()),
-            ("AUTH_URL", format!("http://{auth_addr}/auth")),
-            ("API_KEY", "bench-key".to_owned()),
-            ("USER_ROOM_PREFIX", "user_".to_owned()),
-            ("DEVICE_TTL", "0".to_owned()),
             ("SIO_PUSH_SERVER__MAX_CONCURRENT_AUTH", "256".to_owned()),
             ("SIO_PUSH_SITES__BENCH__RATE_LIMIT_PER_SEC", "0".to_owned()),
             ("SIO_PUSH_SERVER__MIN_FREE_DISK_BYTES", "0".to_owned()),
-        ];
+        ]);
+        env.extend(extra);
         let (count, redis) = match store {
             Store::Sled => (1, None),
             Store::Redis { nodes, fsync_always } => {
@@ -291,7 +311,7 @@ impl Node {
 
 impl Redis {
     /// Starts Debian's `redis-server` on a free loopback port, its AOF under `dir`.
-    async fn start(dir: &std::path::Path, fsync_always: bool) -> anyhow::Result<Self> {
+    pub async fn start(dir: &std::path::Path, fsync_always: bool) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
