@@ -174,12 +174,19 @@ pub async fn verify(config: &Config, scratch: Option<&Path>) -> anyhow::Result<V
         );
         match file.record_past_end {
             None => out.report.push('\n'),
+            Some(_) if file.damaged => {
+                out.report.push('\n');
+                out.damage.push(format!(
+                    "the write-ahead log file {} is damaged at byte {}: a later record shows it had been synced \
+                     past there",
+                    file.name, file.end
+                ));
+            }
             Some(at) => {
                 let _ = writeln!(
                     out.report,
-                    "; a whole record of the same generation lies at byte {at}: the record at byte {} was cut \
-                     by a crash while it was not yet synced (nothing answered 200 is lost then), or is damaged",
-                    file.end
+                    "; a whole record lies at byte {at}, past one a crash cut before it was synced (nothing \
+                     answered 200 was in it)",
                 );
             }
         }

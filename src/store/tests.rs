@@ -1171,3 +1171,28 @@ async fn sled_exports_taken_during_changes_are_each_a_state_the_store_was_in() {
     assert!(exports >= 50, "only {exports} exports ran during the changes");
     store.audit().await.unwrap();
 }
+
+/// A record of the write-ahead log damaged after it was synced (a later record says so) stops
+/// the store at open, naming the file and the offset, instead of starting without what it held.
+#[tokio::test]
+async fn sled_refuses_a_log_damaged_inside_its_synced_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(dir.path(), 1 << 20, 0, Duration::MAX).unwrap();
+    store.connect(&dev("user_1", "a"), &rooms(&["user_1"]), None).await.unwrap();
+    for i in 0..3 {
+        send(&store, &["user_1"], &format!("[\"e\",{i}]"), 0).await;
+    }
+    let image = crash_image(dir.path());
+    store.close().await;
+    // The file holding the records: its first record starts right after the 16-byte header.
+    let (name, mut bytes) = super::sled::wal::FILE_NAMES
+        .iter()
+        .map(|name| (*name, std::fs::read(image.path().join(name)).unwrap()))
+        .find(|(_, bytes)| bytes[16..20] != [0; 4])
+        .expect("a log file with records");
+    bytes[16 + 8 + 8 + 3] ^= 0x40;
+    std::fs::write(image.path().join(name), &bytes).unwrap();
+    let err = SledStore::open(image.path(), 1 << 20, 0).err().expect("refused");
+    assert!(matches!(err, StoreError::Damaged(_)), "{err}");
+    assert!(err.to_string().contains(&format!("{name} is damaged at byte 16")), "{err}");
+}

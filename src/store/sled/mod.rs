@@ -379,8 +379,10 @@ impl SledStore {
             },
         };
         let tree = db.open_tree("state").map_err(io)?;
-        let (wal, replay) = Wal::open(dir)
-            .map_err(|e| StoreError::Io(format!("cannot open the write-ahead log in {}: {e}", dir.display())))?;
+        let (wal, replay) = Wal::open(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => StoreError::Damaged(e.to_string()),
+            _ => StoreError::Io(format!("cannot open the write-ahead log in {}: {e}", dir.display())),
+        })?;
         let replayed = replay.len();
         for batch in replay {
             tree.apply_batch(batch).map_err(io)?;
