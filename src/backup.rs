@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::cli::{BackupArgs, RestoreArgs, VerifyArgs};
 use crate::config::{Config, StoreConfig};
 use crate::delivery::now_ms;
 use crate::snapshot::{self, Summary};
@@ -25,6 +26,47 @@ use crate::store::{SledStore, Store, StoreError};
 /// Page cache of a store opened by a command.
 const CACHE_BYTES: u64 = 64 << 20;
 
+/// `sio-push backup`: through the admin API, or with `--data-dir` from a stopped data directory;
+/// returns the report for the operator.
+pub async fn backup_command(config: &Config, args: BackupArgs) -> anyhow::Result<String> {
+    let summary = match &args.data.data_dir {
+        Some(_) => backup_offline(config, &args.output).await?,
+        None => backup_online(config, args.admin_url, args.token, &args.output).await?,
+    };
+    let mut report = format!("wrote {}: ", args.output.display());
+    summarize(&summary, &mut report);
+    Ok(report)
+}
+
+/// `sio-push restore`; returns the report for the operator.
+pub async fn restore_command(config: &Config, args: RestoreArgs) -> anyhow::Result<String> {
+    let restored = restore(config, &args.input, args.force).await?;
+    let mut report = format!("restored {} into {}: ", args.input.display(), config.server.data_dir.display());
+    summarize(&restored.summary, &mut report);
+    if let Some(aside) = restored.kept_aside {
+        let _ =
+            writeln!(report, "the earlier contents are in {} (remove it once you no longer need it)", aside.display());
+    }
+    Ok(report)
+}
+
+/// `sio-push verify`: prints the report and the damage found; `Err` if there is any.
+pub async fn verify_command(config: &Config, args: VerifyArgs) -> anyhow::Result<()> {
+    let verified = verify(config, args.scratch.as_deref()).await?;
+    print!("{}", verified.report);
+    for damage in &verified.damage {
+        println!("DAMAGE: {damage}");
+    }
+    if !verified.damage.is_empty() {
+        bail!(
+            "the data directory is damaged: restore the last backup (sio-push restore --force), or keep what reads \
+             with sio-push backup --data-dir and restore that"
+        );
+    }
+    println!("no damage found");
+    Ok(())
+}
+
 /// `sio-push backup` through the running service's admin API.
 pub async fn backup_online(
     config: &Config,
@@ -32,20 +74,11 @@ pub async fn backup_online(
     token: Option<String>,
     output: &Path,
 ) -> anyhow::Result<Summary> {
-    let (url, token) = crate::ops::admin_access(config, admin_url, token)?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(120))
         .build()?;
-    let mut response = client
-        .get(format!("{}/api/backup", url.trim_end_matches('/')))
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the admin API at {url}"))?;
-    if !response.status().is_success() {
-        bail!("admin API answered {}: {}", response.status(), response.text().await.unwrap_or_default());
-    }
+    let mut response = crate::ops::admin_get(&client, config, admin_url, token, "/api/backup").await?;
     let mut file = NewFile::create(output)?;
     while let Some(chunk) = response.chunk().await.context("the backup stream broke off")? {
         file.write_all(&chunk)?;
@@ -113,8 +146,15 @@ pub async fn restore(config: &Config, input: &Path, force: bool) -> anyhow::Resu
             None
         }
     };
-    std::fs::rename(&staging, &target)
-        .with_context(|| format!("cannot move {} to {}", staging.display(), target.display()))?;
+    if let Err(e) = std::fs::rename(&staging, &target) {
+        // Put the earlier contents back where they were.
+        if let Some(aside) = &kept_aside {
+            let _ = std::fs::rename(aside, &target);
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e)
+            .with_context(|| format!("cannot move the restored data to {}; nothing was changed", target.display()));
+    }
     sync_parent(&target)?;
     Ok(Restored { summary, kept_aside })
 }

@@ -3,7 +3,7 @@
 //! Crate map:
 //! - `cli`: the command line.
 //! - `ops`: the operator commands `status` and `send`.
-//! - `import`: the old service's YAML configuration turned into our TOML.
+//! - `import`: the old service's YAML configuration turned into our TOML; `import::redis` its queued messages.
 //! - `config`: defaults, TOML file and environment merged into a validated `Config`.
 //! - `telemetry`: log setup.
 //! - `app`: `Application::build` (store, sockets, port) and `run_until_stopped` (serve, drain).

@@ -30,65 +30,18 @@ fn main() -> ExitCode {
         },
         Command::ImportConfig(args) => import_config(&args),
         Command::Backup(args) => operate(args.data.sources(), |config| async move {
-            let summary = match &args.data.data_dir {
-                Some(_) => backup::backup_offline(&config, &args.output).await?,
-                None => backup::backup_online(&config, args.admin_url, args.token, &args.output).await?,
-            };
-            let mut report = format!("wrote {}: ", args.output.display());
-            backup::summarize(&summary, &mut report);
-            eprint!("{report}");
+            eprint!("{}", backup::backup_command(&config, args).await?);
             Ok(())
         }),
         Command::Restore(args) => operate(args.data.sources(), |config| async move {
-            let restored = backup::restore(&config, &args.input, args.force).await?;
-            let mut report = format!("restored {} into {}: ", args.input.display(), config.server.data_dir.display());
-            backup::summarize(&restored.summary, &mut report);
-            if let Some(aside) = restored.kept_aside {
-                report.push_str(&format!(
-                    "the earlier contents are in {} (remove it once you no longer need it)\n",
-                    aside.display()
-                ));
-            }
-            eprint!("{report}");
+            eprint!("{}", backup::restore_command(&config, args).await?);
             Ok(())
         }),
-        Command::Verify(args) => operate(args.data.sources(), |config| async move {
-            let verified = backup::verify(&config, args.scratch.as_deref()).await?;
-            print!("{}", verified.report);
-            for damage in &verified.damage {
-                println!("DAMAGE: {damage}");
-            }
-            match verified.damage.is_empty() {
-                true => println!("no damage found"),
-                false => anyhow::bail!(
-                    "the data directory is damaged: restore the last backup (sio-push restore --force), or keep what \
-                         reads with sio-push backup --data-dir and restore that"
-                ),
-            }
-            Ok(())
-        }),
+        Command::Verify(args) => {
+            operate(args.data.sources(), |config| async move { backup::verify_command(&config, args).await })
+        }
         Command::ImportRedis(args) => operate(args.data.sources(), |config| async move {
-            let started = std::time::Instant::now();
-            let report = import::redis::import_into_data_dir(&config, &args.redis_url).await?;
-            for (site, s) in &report.sites {
-                eprintln!(
-                    "site {site}: {} devices ({} disconnected), {} queued messages",
-                    s.devices, s.disconnected, s.messages
-                );
-            }
-            for (site, keys) in &report.other_sites {
-                eprintln!("left: {keys} keys of site {site:?}, which the configuration does not name");
-            }
-            for left in &report.left {
-                eprintln!("left: {left}");
-            }
-            eprintln!(
-                "imported into {} in {:.1} s: {} records written, {} already there",
-                config.server.data_dir.display(),
-                started.elapsed().as_secs_f64(),
-                report.loaded.written,
-                report.loaded.skipped
-            );
+            eprint!("{}", import::redis::command(&config, &args.redis_url).await?);
             Ok(())
         }),
         Command::Status(args) => {

@@ -32,11 +32,7 @@ fn client() -> anyhow::Result<reqwest::Client> {
 }
 
 /// The admin API's base URL and token: as given, else from the configuration.
-pub fn admin_access(
-    config: &Config,
-    admin_url: Option<String>,
-    token: Option<String>,
-) -> anyhow::Result<(String, String)> {
+fn admin_access(config: &Config, admin_url: Option<String>, token: Option<String>) -> anyhow::Result<(String, String)> {
     let admin = config.admin.as_ref();
     let url = admin_url
         .or_else(|| admin.map(|a| local_url(a.listen)))
@@ -49,9 +45,22 @@ pub fn admin_access(
 
 /// Fetches `/api/status` and renders it as a table.
 pub async fn status(config: &Config, admin_url: Option<String>, token: Option<String>) -> anyhow::Result<String> {
+    let response = admin_get(&client()?, config, admin_url, token, "/api/status").await?;
+    Ok(render(&response.json::<Status>().await.context("the admin API answered something unexpected")?))
+}
+
+/// `GET` of an admin API `path` (admin URL and token as given, else from the configuration):
+/// the response, once its status says it succeeded.
+pub async fn admin_get(
+    client: &reqwest::Client,
+    config: &Config,
+    admin_url: Option<String>,
+    token: Option<String>,
+    path: &str,
+) -> anyhow::Result<reqwest::Response> {
     let (url, token) = admin_access(config, admin_url, token)?;
-    let response = client()?
-        .get(format!("{}/api/status", url.trim_end_matches('/')))
+    let response = client
+        .get(format!("{}{path}", url.trim_end_matches('/')))
         .bearer_auth(token)
         .send()
         .await
@@ -59,7 +68,7 @@ pub async fn status(config: &Config, admin_url: Option<String>, token: Option<St
     if !response.status().is_success() {
         bail!("admin API answered {}: {}", response.status(), response.text().await.unwrap_or_default());
     }
-    Ok(render(&response.json::<Status>().await.context("the admin API answered something unexpected")?))
+    Ok(response)
 }
 
 /// The status as a plain-text table.

@@ -16,7 +16,7 @@ use sio_push::snapshot::SnapshotWriter;
 use sio_push::store::{DeviceKey, DeviceState, Queued, Record};
 
 use crate::server::{site_env, Redis, Server, Store};
-use crate::{percentile, secs};
+use crate::{dir_bytes, percentile, secs};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 
@@ -213,14 +213,4 @@ fn path(p: &Path) -> &str {
 
 fn mib(bytes: u64) -> f64 {
     (bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0
-}
-
-fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() { dir_bytes(&entry.path())? } else { meta.len() };
-    }
-    Ok(total)
 }

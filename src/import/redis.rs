@@ -66,12 +66,38 @@ struct Device {
 }
 
 /// `sio-push import-redis`: copies the old service's queues from the Redis at `url` into the
-/// configured data directory (created if need be), with sio-push stopped.
-pub async fn import_into_data_dir(config: &Config, url: &str) -> anyhow::Result<Report> {
+/// configured data directory (created if need be), with sio-push stopped; returns the report
+/// for the operator.
+pub async fn command(config: &Config, url: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let started = std::time::Instant::now();
     let store = crate::backup::open_for_writing(config)?;
     let report = import(config, url, &store, crate::delivery::now_ms()).await;
     store.close().await;
-    report
+    let report = report?;
+    let mut out = String::new();
+    for (site, s) in &report.sites {
+        let _ = writeln!(
+            out,
+            "site {site}: {} devices ({} disconnected), {} queued messages",
+            s.devices, s.disconnected, s.messages
+        );
+    }
+    for (site, keys) in &report.other_sites {
+        let _ = writeln!(out, "left: {keys} keys of site {site:?}, which the configuration does not name");
+    }
+    for left in &report.left {
+        let _ = writeln!(out, "left: {left}");
+    }
+    let _ = writeln!(
+        out,
+        "imported into {} in {:.1} s: {} records written, {} already there",
+        config.server.data_dir.display(),
+        started.elapsed().as_secs_f64(),
+        report.loaded.written,
+        report.loaded.skipped
+    );
+    Ok(out)
 }
 
 /// Copies the old service's queues from the Redis at `url` into `store`.
