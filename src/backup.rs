@@ -111,7 +111,7 @@ pub struct Restored {
 pub async fn restore(config: &Config, input: &Path, force: bool) -> anyhow::Result<Restored> {
     let target = sled_dir(config)?;
     let open = || File::open(input).map(BufReader::new).with_context(|| format!("cannot open {}", input.display()));
-    let (header, summary) = tokio::task::block_in_place(|| snapshot::check(open()?).map_err(anyhow::Error::from))
+    let (_, summary) = tokio::task::block_in_place(|| snapshot::check(open()?).map_err(anyhow::Error::from))
         .with_context(|| format!("{} is not a usable backup; nothing was changed", input.display()))?;
     let non_empty = match std::fs::read_dir(&target) {
         Ok(mut entries) => entries.next().is_some(),
@@ -133,17 +133,23 @@ pub async fn restore(config: &Config, input: &Path, force: bool) -> anyhow::Resu
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e.context(format!("restore failed; {} was not changed", target.display())));
     }
-    give_to_owner_of(&staging, &target)?;
-    let kept_aside = match non_empty {
+    let swapped = give_to_owner_of(&staging, &target).and_then(|()| match non_empty {
         true => {
-            let aside = sibling(&target, &format!("before-restore-{}", header.created_at.max(now_ms()) / 1000));
+            let aside = sibling(&target, &format!("before-restore-{}", now_ms() / 1000));
             std::fs::rename(&target, &aside)
                 .with_context(|| format!("cannot move {} aside to {}", target.display(), aside.display()))?;
-            Some(aside)
+            Ok(Some(aside))
         }
-        false => {
-            remove_dir_if_exists(&target)?;
-            None
+        false => remove_dir_if_exists(&target).map(|()| None),
+    });
+    let kept_aside = match swapped {
+        Ok(kept_aside) => kept_aside,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.context(format!(
+                "restore failed; {} was not changed (it must be a directory of its own, not a mount point)",
+                target.display()
+            )));
         }
     };
     if let Err(e) = std::fs::rename(&staging, &target) {
@@ -408,10 +414,14 @@ fn sync_parent(path: &Path) -> anyhow::Result<()> {
     File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", parent.display()))
 }
 
-/// Gives everything under `dir` the owner of `like` (or of its parent, if it does not exist):
-/// a restore run as root must leave files the service's user can open.
+/// Gives everything under `dir` the owner of `like` (or of its parent, if it does not exist),
+/// and `dir` itself the mode of `like`: a restore run as root must leave files the service's
+/// user can open, and no wider than they were.
 fn give_to_owner_of(dir: &Path, like: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Ok(like) = std::fs::metadata(like) {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(like.mode() & 0o7777))?;
+    }
     let owner = std::fs::metadata(like).or_else(|_| std::fs::metadata(like.parent().unwrap_or(Path::new("."))));
     let Ok(owner) = owner else { return Ok(()) };
     let (uid, gid) = (owner.uid(), owner.gid());

@@ -275,6 +275,15 @@ test("a /send whose website hangs up after sending is still delivered live", asy
       socket.on("error", resolve);
     });
   }
+  // The server finishes, in tasks of their own, the requests whose callers hung up: wait until
+  // no more messages get stored (quiet for 300 ms, at most 5 s), so that none is stored after
+  // the fence below (on two nodes the fence's node does not wait for the other's writes).
+  const stored = () => (server.log.match(/message stored/g) ?? []).length;
+  for (let last = -1, quiet = 0, polls = 0; quiet < 3 && polls < 50; polls++) {
+    await new Promise((r) => setTimeout(r, 100));
+    quiet = stored() === last ? quiet + 1 : 0;
+    last = stored();
+  }
   // Everything stored was emitted live, and acked: after a last ordinary message, nothing of the
   // hung-up requests is left for the next connection's _batch.
   await send(server, { body: { rooms: ["user_0"], event: "hung", args: ["fence"] } });
