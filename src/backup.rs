@@ -89,7 +89,8 @@ pub async fn backup_online(
 /// `sio-push backup --data-dir`: a snapshot of a stopped data directory.
 pub async fn backup_offline(config: &Config, output: &Path) -> anyhow::Result<Summary> {
     let dir = sled_dir(config)?;
-    let store = open_existing(&dir).await?;
+    require_data(&dir)?;
+    let store = open_stopped(&dir)?;
     let export = store.export().await?;
     let file = NewFile::create(output)?;
     let written = tokio::task::spawn_blocking(move || snapshot::write(export, file, now_ms())).await?;
@@ -200,9 +201,7 @@ pub struct Verified {
 /// sled is opened on a copy under `scratch` (the system's temporary directory by default).
 pub async fn verify(config: &Config, scratch: Option<&Path>) -> anyhow::Result<Verified> {
     let dir = sled_dir(config)?;
-    if !dir.join("db").exists() {
-        bail!("{} holds no sio-push data (no sled database in it)", dir.display());
-    }
+    require_data(&dir)?;
     ensure_stopped(&dir)?;
     let mut out = Verified::default();
     let _ = writeln!(out.report, "data directory {}", dir.display());
@@ -296,12 +295,12 @@ fn sled_dir(config: &Config) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Opens the store in an existing data directory, saying so if the service holds it.
-async fn open_existing(dir: &Path) -> anyhow::Result<SledStore> {
+/// Refuses a directory without a sled database in it.
+fn require_data(dir: &Path) -> anyhow::Result<()> {
     if !dir.join("db").exists() {
         bail!("{} holds no sio-push data (no sled database in it)", dir.display());
     }
-    open_stopped(dir)
+    Ok(())
 }
 
 /// Opens (or creates) the store in the configured data directory for a command that writes to

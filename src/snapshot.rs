@@ -354,11 +354,6 @@ impl<R: BufRead> SnapshotReader<R> {
         Ok(reader)
     }
 
-    /// The first line.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
     /// The next record; `None` after a last line that matched.
     pub fn next_record(&mut self) -> Result<Option<Record>, SnapshotError> {
         if self.done {
@@ -454,11 +449,6 @@ impl<R: BufRead> SnapshotReader<R> {
         site.messages += 1;
         site.bytes += entry.len() as u64;
         Ok(Record::Message { device, message: Queued { id: m.id, queued_at: m.queued_at, entry }, shared: m.shared })
-    }
-
-    /// The counts read so far (all of them once `next_record` gave `None`).
-    pub fn summary(&self) -> &Summary {
-        &self.counted
     }
 
     /// Reads the next line (without its newline) into `self.line`, adding it to the checksum;
