@@ -258,50 +258,56 @@ impl DiskSpace {
 /// On Linux sled 0.34's `flush()` ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` on the
 /// log range it wrote, and a real `fsync` happens only in its background flusher (every 500 ms).
 /// `sync_file_range` commits neither the file's metadata (its new size) nor the disk's write
-/// cache, so it survives `kill -9` but not a power cut. Items too large for the log (over
-/// segment_size / 4) go to files under `blobs/`, which sled never syncs. So after each flush the
-/// writer `fdatasync`s the log file, and any blob written since the previous checkpoint with its
-/// directory. `tests/e2e/fsync.test.mjs` checks with strace that blobs are synced.
+/// cache, so it survives `kill -9` but not a power cut. So after each flush the writer
+/// `fdatasync`s the log file.
+///
+/// Pages too large for the log (over segment_size / 4: a big message, or a node of many) go to
+/// files under `blobs/`, which our sled syncs, with their directory, as it writes them
+/// (vendor/README.md). `tests/e2e/fsync.test.mjs` checks with strace that blobs are synced.
+///
+/// A file's name is durable only once its directory is synced (and a directory's own name once
+/// its parent is): sled syncs no directory but `blobs/`, so the data dir is synced at open,
+/// once sled and the log have made their files, and after each checkpoint.
+///
+/// `tests/e2e/powercut.test.mjs` found both: without the directory syncs a power cut could take
+/// away every file of a new data dir, and with unsynced blobs sled could not open the data dir
+/// after one.
 struct Sync {
     log: std::fs::File,
-    blobs: std::path::PathBuf,
-    last_sync: std::time::SystemTime,
+    dir: std::path::PathBuf,
 }
 
 impl Sync {
     fn open(dir: &Path) -> Result<Self, StoreError> {
         let log = std::fs::File::open(dir.join("db"))
             .map_err(|e| StoreError::Io(format!("cannot open sled's log file {}/db: {e}", dir.display())))?;
-        Ok(Self { log, blobs: dir.join("blobs"), last_sync: std::time::UNIX_EPOCH })
+        Ok(Self { log, dir: dir.to_path_buf() })
     }
 
-    /// Makes everything sled flushed durable.
-    fn sync(&mut self) -> std::io::Result<()> {
-        let started = std::time::SystemTime::now();
+    /// Flushes `db` and makes everything it flushed durable.
+    fn flush(&self, db: &sled::Db) -> std::io::Result<()> {
+        db.flush().map_err(std::io::Error::other)?;
         self.log.sync_data()?;
-        let mut synced_blob = false;
-        if let Ok(entries) = std::fs::read_dir(&self.blobs) {
-            for entry in entries.flatten() {
-                let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(started);
-                // Compare with a second of slack: file times can be coarser than the clock.
-                if modified + std::time::Duration::from_secs(1) >= self.last_sync {
-                    // sled deletes a blob once a newer version of its page is written: one that
-                    // is gone is no longer referenced and needs no sync.
-                    match std::fs::File::open(entry.path()) {
-                        Ok(blob) => blob.sync_data()?,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
-                    }
-                    synced_blob = true;
-                }
-            }
+        // sled renames and removes snapshot files of its own at open.
+        sync_dir(&self.dir)
+    }
+
+    /// Makes the names in the data dir durable, and the data dir's own name in its parent. The
+    /// parent may be one the service cannot open (a sandbox's): that is worth a warning, not a
+    /// refusal to start, as the data dir normally exists from the install on.
+    fn sync_names(&self) -> std::io::Result<()> {
+        sync_dir(&self.dir)?;
+        let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Err(e) = sync_dir(parent) {
+            tracing::warn!(dir = %parent.display(), error = %e, "cannot sync the data dir's parent directory");
         }
-        if synced_blob {
-            std::fs::File::open(&self.blobs)?.sync_all()?;
-        }
-        self.last_sync = started;
         Ok(())
     }
+}
+
+/// `fsync` of a directory: makes the names in it durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes the snapshot files sled 0.34 left half-written (`snap.<lsn>.generating`). sled
@@ -338,6 +344,10 @@ pub(super) fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+fn unsynced(dir: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("cannot sync the data dir {}: {e}", dir.display()))
+}
+
 impl SledStore {
     /// Opens (or creates) the database under `dir`, with a page cache of at most `cache_bytes`.
     /// Spawns the writer thread, which ends when the last clone of the store is dropped.
@@ -356,6 +366,7 @@ impl SledStore {
     ) -> Result<Self, StoreError> {
         remove_unfinished_snapshots(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(io)?;
+        let sync = Sync::open(dir)?;
         let meta = db.open_tree("meta").map_err(io)?;
         let schema = match meta.get("schema").map_err(io)? {
             // The schema is made durable before the log files are first created: a log without
@@ -370,7 +381,7 @@ impl SledStore {
             }
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
-                db.flush().map_err(io)?;
+                sync.flush(&db).and_then(|()| sync.sync_names()).map_err(|e| unsynced(dir, e))?;
                 SCHEMA_VERSION
             }
             Some(v) => match v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0) {
@@ -383,6 +394,8 @@ impl SledStore {
             std::io::ErrorKind::InvalidData => StoreError::Damaged(e.to_string()),
             _ => StoreError::Io(format!("cannot open the write-ahead log in {}: {e}", dir.display())),
         })?;
+        // The log's files, and whatever sled made or renamed while opening.
+        sync.sync_names().map_err(|e| unsynced(dir, e))?;
         let replayed = replay.len();
         for batch in replay {
             tree.apply_batch(batch).map_err(io)?;
@@ -414,7 +427,7 @@ impl SledStore {
             wal,
             checkpointed: std::time::Instant::now(),
             checkpoint_every,
-            sync: Sync::open(dir)?,
+            sync,
             space: DiskSpace::new(dir, min_free_bytes)?,
             failure: Arc::new(OnceLock::new()),
             pin: Arc::new(()),
@@ -728,8 +741,7 @@ impl Writer {
     /// Flushes and syncs what sled was given. A failure stops the store (see [`Writer::fail`]):
     /// the sealed log file is then never released, and the next start replays it.
     fn make_sled_durable(&mut self) -> Result<(), String> {
-        let synced =
-            self.db.flush().map_err(|e| e.to_string()).and_then(|_| self.sync.sync().map_err(|e| e.to_string()));
+        let synced = self.sync.flush(&self.db).map_err(|e| e.to_string());
         if let Err(e) = &synced {
             self.fail(format!("cannot make the checkpoint durable in sled: {e}"));
         }
