@@ -34,13 +34,16 @@ cargo test --locked --all-targets
 
 echo "== cargo build --release"
 cargo build --locked --release
+# The power-cut test's file system (tests/lossyfs, FUSE; mounts as root through /dev/fuse).
+cargo build --locked --release -p sio-push-lossyfs
 
 echo "== end-to-end (node --test, socket.io-client 2.x and 4.x)"
 (
   cd tests/e2e
   npm ci --no-audit --no-fund --loglevel=error
   logs=$(mktemp -d)
-  SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" npm test
+  SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" \
+    SIO_PUSH_LOSSYFS_BIN="$PWD/../../target/release/sio-push-lossyfs" npm test
   echo "== the protocol cases again on two nodes sharing Redis (client on one, /send on the other)"
   SIO_PUSH_E2E_CLUSTER=1 SIO_PUSH_E2E_LOG_DIR="$logs" SIO_PUSH_BIN="$PWD/../../target/release/sio-push" \
     npm test -- protocol.test.mjs order.test.mjs send.test.mjs limits.test.mjs
