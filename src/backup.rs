@@ -8,6 +8,7 @@
 //! - `verify` reads a stopped data directory (a copy of it: opening sled writes) and checks
 //!   everything it holds.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -21,7 +22,7 @@ use crate::cli::{BackupArgs, RestoreArgs, VerifyArgs};
 use crate::config::{Config, StoreConfig};
 use crate::delivery::now_ms;
 use crate::snapshot::{self, Summary};
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{MessageId, Record, RedisStore, SledStore, Store, StoreError};
 
 /// Page cache of a store opened by a command.
 const CACHE_BYTES: u64 = 64 << 20;
@@ -41,7 +42,11 @@ pub async fn backup_command(config: &Config, args: BackupArgs) -> anyhow::Result
 /// `sio-push restore`; returns the report for the operator.
 pub async fn restore_command(config: &Config, args: RestoreArgs) -> anyhow::Result<String> {
     let restored = restore(config, &args.input, args.force).await?;
-    let mut report = format!("restored {} into {}: ", args.input.display(), config.server.data_dir.display());
+    let target = match &config.store {
+        StoreConfig::Redis(redis) => format!("Redis (key prefix {})", redis.key_prefix),
+        StoreConfig::Sled => config.server.data_dir.display().to_string(),
+    };
+    let mut report = format!("restored {} into {target}: ", args.input.display());
     summarize(&restored.summary, &mut report);
     if let Some(aside) = restored.kept_aside {
         let _ =
@@ -108,8 +113,12 @@ pub struct Restored {
     pub kept_aside: Option<PathBuf>,
 }
 
-/// `sio-push restore`: the snapshot at `input` becomes the data directory.
+/// `sio-push restore`: the snapshot at `input` becomes the data directory (or, with the Redis
+/// store, the contents of its sites there).
 pub async fn restore(config: &Config, input: &Path, force: bool) -> anyhow::Result<Restored> {
+    if let StoreConfig::Redis(redis) = &config.store {
+        return restore_into_redis(redis, input).await;
+    }
     let target = sled_dir(config)?;
     let open = || File::open(input).map(BufReader::new).with_context(|| format!("cannot open {}", input.display()));
     let (_, summary) = tokio::task::block_in_place(|| snapshot::check(open()?).map_err(anyhow::Error::from))
@@ -164,6 +173,63 @@ pub async fn restore(config: &Config, input: &Path, force: bool) -> anyhow::Resu
     }
     sync_parent(&target)?;
     Ok(Restored { summary, kept_aside })
+}
+
+/// `sio-push restore` with the Redis store: moving from one VM to several nodes. The sites of
+/// the snapshot must hold no device in Redis yet (a second run would otherwise queue every
+/// message twice, as their ids are given again). Devices come in disconnected. Message ids are
+/// given again from each site's counter on, in the same order: the Redis store counts in Lua
+/// numbers (below 2^53), and a data dir that imported the old service's flake ids holds larger.
+async fn restore_into_redis(redis: &crate::config::RedisConfig, input: &Path) -> anyhow::Result<Restored> {
+    let open = || File::open(input).map(BufReader::new).with_context(|| format!("cannot open {}", input.display()));
+    let (summary, ids) = tokio::task::block_in_place(|| snapshot::check_ids(open()?).map_err(anyhow::Error::from))
+        .with_context(|| format!("{} is not a usable backup; nothing was changed", input.display()))?;
+    let store = RedisStore::open(redis.options()).await.context("cannot reach Redis")?;
+    let before = store.stats().await?;
+    let mut first = BTreeMap::new();
+    for site in summary.sites.keys() {
+        if before.get(site).is_some_and(|s| s.devices > 0) {
+            bail!(
+                "site {site} already has devices in Redis (key prefix {}); restore into sites that hold nothing, \
+                 or under another key_prefix. Nothing was changed",
+                redis.key_prefix
+            );
+        }
+        first.insert(site.clone(), store.last_id(site).await? + 1);
+    }
+    let renumber = |site: &str, id: MessageId| {
+        let of_site = &ids[site];
+        first[site] + of_site.partition_point(|&other| other < id) as MessageId
+    };
+    let reader = snapshot::SnapshotReader::new(open()?)?;
+    let loaded = snapshot::load_with(&store, reader, |record| match record {
+        Record::Ids { .. } => None,
+        Record::Message { device, mut message, shared } => {
+            message.id = renumber(&device.site, message.id);
+            Some(Record::Message { device, message, shared })
+        }
+        Record::Device { key, mut state } => {
+            // Owed before any message given from here on.
+            state.resync_at = state.resync_at.map(|_| first[&*key.site] - 1);
+            Some(Record::Device { key, state })
+        }
+        other => Some(other),
+    })
+    .await;
+    let stats = store.stats().await;
+    if let Err(e) = loaded {
+        let keys: Vec<String> = summary.sites.keys().map(|site| format!("{{{}:{site}}}:*", redis.key_prefix)).collect();
+        bail!("restore into Redis stopped part way ({e}): remove the keys {} and run it again", keys.join(" "));
+    }
+    let stats = stats?;
+    for (site, expected) in &summary.sites {
+        let got = stats.get(site).cloned().unwrap_or_default();
+        if (got.devices, got.queued_messages, got.queued_bytes) != (expected.devices, expected.messages, expected.bytes)
+        {
+            bail!("site {site}: the backup holds {expected:?}, Redis now {got:?}");
+        }
+    }
+    Ok(Restored { summary, kept_aside: None })
 }
 
 /// Loads a checked snapshot into a new store at `dir` and checks what it holds.

@@ -31,7 +31,8 @@ pub enum Command {
     /// Write a snapshot of the store to a file: from the running service through the admin API,
     /// or from a stopped data directory with --data-dir.
     Backup(BackupArgs),
-    /// Replace a stopped service's data directory with a snapshot's contents.
+    /// Replace a stopped service's data directory with a snapshot's contents (with the Redis
+    /// store: load it into sites that hold nothing there yet).
     Restore(RestoreArgs),
     /// Check a stopped service's data directory and print what it holds; exits 1 on damage.
     Verify(VerifyArgs),
@@ -96,6 +97,7 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Replace a data directory that is not empty (its contents are moved aside, not deleted).
+    /// With the Redis store there is nothing to replace: its sites must hold no device yet.
     #[arg(long)]
     pub force: bool,
 }

@@ -496,13 +496,25 @@ const LOAD_CHUNK: usize = 2_000;
 
 /// Loads every record of a snapshot into `store`, then makes it durable. Read the snapshot
 /// through once with [`check`] first: a damage found on the way leaves what came before loaded.
-pub async fn load<R: BufRead>(store: &dyn Store, mut reader: SnapshotReader<R>) -> Result<Loaded, LoadError> {
-    let mut total = store.load(vec![Record::Ids { next: reader.header.next_id }]).await?;
+pub async fn load<R: BufRead>(store: &dyn Store, reader: SnapshotReader<R>) -> Result<Loaded, LoadError> {
+    load_with(store, reader, Some).await
+}
+
+/// As [`load`], each record (the next id first) passed through `map`, which may leave it out.
+pub async fn load_with<R: BufRead>(
+    store: &dyn Store,
+    mut reader: SnapshotReader<R>,
+    mut map: impl FnMut(Record) -> Option<Record> + Send,
+) -> Result<Loaded, LoadError> {
+    let mut total = match map(Record::Ids { next: reader.header.next_id }) {
+        Some(ids) => store.load(vec![ids]).await?,
+        None => Loaded::default(),
+    };
     let mut chunk = Vec::with_capacity(LOAD_CHUNK);
     loop {
         let record = reader.next_record()?;
         let end = record.is_none();
-        chunk.extend(record);
+        chunk.extend(record.and_then(&mut map));
         if chunk.len() == LOAD_CHUNK || (end && !chunk.is_empty()) {
             let loaded = store.load(std::mem::take(&mut chunk)).await?;
             total.written += loaded.written;
@@ -532,6 +544,22 @@ pub fn check(input: impl BufRead) -> Result<(Header, Summary), SnapshotError> {
     let mut reader = SnapshotReader::new(input)?;
     while reader.next_record()?.is_some() {}
     Ok((reader.header.clone(), reader.counted))
+}
+
+/// As [`check`], and returns the ids of the snapshot's messages per site, in order, once each.
+pub fn check_ids(input: impl BufRead) -> Result<(Summary, BTreeMap<String, Vec<MessageId>>), SnapshotError> {
+    let mut reader = SnapshotReader::new(input)?;
+    let mut ids = BTreeMap::<String, Vec<MessageId>>::new();
+    while let Some(record) = reader.next_record()? {
+        if let Record::Message { device, message, .. } = record {
+            ids.entry(device.site.to_string()).or_default().push(message.id);
+        }
+    }
+    for of_site in ids.values_mut() {
+        of_site.sort_unstable();
+        of_site.dedup();
+    }
+    Ok((reader.counted, ids))
 }
 
 #[cfg(test)]

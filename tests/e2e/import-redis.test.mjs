@@ -101,3 +101,44 @@ test("import-redis carries the old service's queues over, in send order, once", 
     await server.cleanup();
   }
 });
+
+test("an imported data dir moves to the Redis store with backup and restore, in send order", async () => {
+  // The old service's flake ids (over 2^53) come along; restore gives the messages new ids in the
+  // same order, as the Redis store counts below 2^53.
+  const moved = mkdtempSync(path.join(tmpdir(), "sio-push-import-moved-"));
+  const file = path.join(moved, "backup.snapshot");
+  const sledEnv = oldEnv(website, { REDIS_URL: redis.url, SIO_PUSH_DATA_DIR: path.join(moved, "data") });
+  const redisEnv = oldEnv(website, {
+    SIO_PUSH_STORE__BACKEND: "redis",
+    SIO_PUSH_STORE__REDIS_URL: redis.url,
+    SIO_PUSH_STORE__KEY_PREFIX: "moved",
+  });
+  try {
+    assert.equal((await cli(["import-redis"], sledEnv)).code, 0);
+    const backup = await cli(["backup", "--data-dir", path.join(moved, "data"), "--output", file], sledEnv);
+    assert.equal(backup.code, 0, backup.stderr);
+    const restore = await cli(["restore", "--input", file], redisEnv);
+    assert.equal(restore.code, 0, restore.stderr);
+    assert.match(restore.stderr, new RegExp(`into Redis \\(key prefix moved\\): ${USERS} devices, ${USERS * PER_USER} queued messages`));
+    const again = await cli(["restore", "--input", file], redisEnv);
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, /site shop already has devices in Redis \(key prefix moved\).*Nothing was changed/s);
+
+    const server = await startServer(redisEnv, { dataDir: path.join(moved, "unused") });
+    try {
+      for (let u = 0; u < USERS; u++) {
+        const version = u % 3 === 0 ? "v4" : "v2";
+        const c = await ready(version, server, { token: `t${u}`, ...(u % 2 === 0 ? { deviceId: "d" } : {}) });
+        const batch = await c.waitFor("_batch");
+        const got = batch[1].map(([, data]) => `${data.u}/${data.i}`);
+        const expected = Array.from({ length: PER_USER }, (_, i) => `${u}/${i}`);
+        assert.deepEqual(got, expected, `user_${u} (${version})`);
+        c.close();
+      }
+    } finally {
+      await server.cleanup();
+    }
+  } finally {
+    rmSync(moved, { recursive: true, force: true });
+  }
+});

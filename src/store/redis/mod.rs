@@ -44,7 +44,7 @@ use redis::{AsyncCommands, Script, Value};
 pub use self::conn::{once_more_if_unsent, Conn, Target};
 use super::{
     devices_to_forget, entry_event, in_order, Ack, Connected, DeviceInfo, DeviceKey, DeviceState, Enqueued, Expiry,
-    Idempotency, InOrder, MessageId, Millis, QueueLimits, Queued, Resync, SiteStats, Store, StoreError,
+    Idempotency, InOrder, Loaded, MessageId, Millis, QueueLimits, Queued, Record, Resync, SiteStats, Store, StoreError,
 };
 
 /// How often an operation reads again after another node changed what it read.
@@ -79,6 +79,7 @@ struct Scripts {
     settle_resync: Script,
     expire_keys: Script,
     drop_node: Script,
+    load: Script,
 }
 
 /// A script: `lua/lib.lua`, then the script's body run as a function, so that the counts its
@@ -108,6 +109,7 @@ impl Scripts {
             settle_resync: script!("settle_resync"),
             expire_keys: script!("expire_keys"),
             drop_node: script!("drop_node"),
+            load: script!("load"),
         }
     }
 }
@@ -133,7 +135,7 @@ impl Drop for RedisStore {
 
 /// What the store keeps about a device in its user room's hash.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Record {
+struct DeviceRecord {
     #[serde(rename = "c")]
     connected: bool,
     #[serde(rename = "d")]
@@ -146,7 +148,7 @@ struct Record {
 /// One device as `describe` read it.
 struct Seen {
     device: String,
-    record: Record,
+    record: DeviceRecord,
     state: DeviceState,
     oldest: Option<Millis>,
 }
@@ -341,7 +343,7 @@ impl RedisStore {
         let version = reply.first().map(text).unwrap_or_default();
         let mut seen = Vec::new();
         for d in reply.get(1..).unwrap_or_default().chunks_exact(7) {
-            let record: Record = serde_json::from_str(&text(&d[1]))
+            let record: DeviceRecord = serde_json::from_str(&text(&d[1]))
                 .map_err(|_| StoreError::Corrupt { key: format!("{tag}:u:{user} {}", text(&d[0])) })?;
             let state = DeviceState {
                 connected: record.connected,
@@ -370,8 +372,11 @@ impl RedisStore {
             }
             let mut state = seen.state.clone();
             state.disconnect(now);
-            let record =
-                Record { connected: state.connected, disconnected_at: state.disconnected_at, node: String::new() };
+            let record = DeviceRecord {
+                connected: state.connected,
+                disconnected_at: state.disconnected_at,
+                node: String::new(),
+            };
             let json = serde_json::to_string(&record).expect("a record serializes");
             let held = if seen.record.connected { seen.record.node.as_str() } else { "" };
             let now = now.to_string();
@@ -540,7 +545,7 @@ impl RedisStore {
 }
 
 /// The node of a device's socket if it is connected, else "" (the scripts' convention).
-fn held(record: &Record) -> &str {
+fn held(record: &DeviceRecord) -> &str {
     if record.connected {
         &record.node
     } else {
@@ -596,8 +601,11 @@ impl Store for RedisStore {
             }
             let mut state = seen.map(|s| s.state.clone()).unwrap_or_default();
             state.connect();
-            let record =
-                Record { connected: state.connected, disconnected_at: state.disconnected_at, node: self.node.clone() };
+            let record = DeviceRecord {
+                connected: state.connected,
+                disconnected_at: state.disconnected_at,
+                node: self.node.clone(),
+            };
             let json = serde_json::to_string(&record).expect("a record serializes");
             let before = seen.map(|s| held(&s.record)).unwrap_or("");
             let count = forgotten.len().to_string();
@@ -701,7 +709,7 @@ impl Store for RedisStore {
                 versions.push((user, fields.remove("v").unwrap_or_default()));
                 for (field, json) in fields {
                     let Some(device) = field.strip_prefix('d') else { continue };
-                    let record: Record = serde_json::from_str(&json)
+                    let record: DeviceRecord = serde_json::from_str(&json)
                         .map_err(|_| StoreError::Corrupt { key: format!("{tag}:u:{user} {device}") })?;
                     let state = DeviceState {
                         connected: record.connected,
@@ -890,8 +898,141 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    /// As the trait says, with two differences. A device is loaded disconnected: if it was
+    /// connected, as of now (no node holds its socket). Ids must be below 2^53 (the scripts
+    /// count in Lua numbers); `sio-push restore` renumbers a snapshot's messages to fit.
+    async fn load(&self, records: Vec<Record>) -> Result<Loaded, StoreError> {
+        let now = crate::delivery::now_ms();
+        let mut loaded = Loaded::default();
+        let mut batches = BTreeMap::<String, LoadBatch>::new();
+        let mut next_id = None;
+        for record in records {
+            let (site, args) = match record {
+                Record::User { site, user, rooms } => {
+                    let mut args = vec!["u".to_owned(), user, rooms.len().to_string()];
+                    args.extend(rooms.iter().map(|r| r.to_lowercase()));
+                    (site, args)
+                }
+                Record::Device { key, state } => {
+                    let at = if state.connected || state.disconnected_at == 0 { now } else { state.disconnected_at };
+                    let record = DeviceRecord { connected: false, disconnected_at: at, node: String::new() };
+                    let json = serde_json::to_string(&record).expect("a record serializes");
+                    let resync = state.resync_at.map(|seq| seq.to_string()).unwrap_or_default();
+                    let overflowed = if state.overflowed { "1" } else { "" };
+                    let (user, device) = (key.user.to_string(), key.device.to_string());
+                    let args = vec!["d".into(), user, device, json, at.to_string(), overflowed.into(), resync];
+                    (key.site.to_string(), args)
+                }
+                Record::Message { device, message, shared } => {
+                    if message.id >= 1 << 53 {
+                        return Err(StoreError::Unsupported(
+                            "message ids from 2^53 up do not fit the Redis store; sio-push restore renumbers them",
+                        ));
+                    }
+                    let event = entry_event(&message.entry).unwrap_or_default();
+                    let args = vec![
+                        "m".into(),
+                        device.user.to_string(),
+                        device.device.to_string(),
+                        message.id.to_string(),
+                        message.queued_at.to_string(),
+                        event,
+                        message.entry.to_string(),
+                        if shared { "1" } else { "" }.into(),
+                    ];
+                    (device.site.to_string(), args)
+                }
+                Record::Ids { next } => {
+                    next_id = next_id.max(Some(next));
+                    continue;
+                }
+                Record::Idempotency { site, record } => {
+                    let value = format!("{}:{}", record.fingerprint, record.expires_at);
+                    (site, vec!["k".into(), record.key, value, record.expires_at.to_string()])
+                }
+            };
+            let batch = batches.entry(site.clone()).or_default();
+            batch.push(args);
+            if batch.is_full() {
+                let args = std::mem::take(batch).args;
+                self.load_batch(&site, &args, &mut loaded).await?;
+            }
+        }
+        for (site, batch) in batches {
+            self.load_batch(&site, &batch.args, &mut loaded).await?;
+        }
+        // One record, raising the counter of every site there is (none before the first load:
+        // the messages loaded raise them).
+        if let Some(next) = next_id {
+            let mut raised = Loaded::default();
+            for site in self.all_sites().await? {
+                let last = next.saturating_sub(1).to_string();
+                self.load_batch(&site, &["i".to_owned(), last], &mut raised).await?;
+            }
+            match raised.written {
+                0 => loaded.skipped += 1,
+                _ => loaded.written += 1,
+            }
+        }
+        Ok(loaded)
+    }
+
     fn is_open(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Records of one site for one run of the `load` script.
+#[derive(Default)]
+struct LoadBatch {
+    args: Vec<String>,
+    bytes: usize,
+    records: usize,
+}
+
+impl LoadBatch {
+    fn push(&mut self, args: Vec<String>) {
+        self.bytes += args.iter().map(String::len).sum::<usize>();
+        self.records += 1;
+        self.args.extend(args);
+    }
+
+    /// A script run holds a few MiB of arguments at most, whatever the messages' sizes.
+    fn is_full(&self) -> bool {
+        self.bytes >= 4 << 20 || self.records >= 1000
+    }
+}
+
+impl RedisStore {
+    /// The last message id given out in `site` (0: none yet).
+    pub async fn last_id(&self, site: &str) -> Result<MessageId, StoreError> {
+        let last: Option<MessageId> =
+            self.conn().get(format!("{}:ids", self.tag(site))).await.map_err(|e| self.failed(e))?;
+        Ok(last.unwrap_or(0))
+    }
+
+    /// Runs the `load` script on one site's records, adding to `loaded` what it did.
+    async fn load_batch(&self, site: &str, args: &[String], loaded: &mut Loaded) -> Result<(), StoreError> {
+        if args.is_empty() {
+            return Ok(());
+        }
+        self.note_site(site).await?;
+        let tag = self.tag(site);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = items(self.run(&self.scripts.load, &tag, &args).await?);
+        if text(&reply[0]) == "unknown" {
+            return Err(StoreError::Corrupt {
+                key: format!(
+                    "a message of the unknown device {} of {} in site {site}",
+                    text(&reply[2]),
+                    text(&reply[1])
+                ),
+            });
+        }
+        self.replicated(&tag).await?;
+        loaded.written += number(&reply[0]);
+        loaded.skipped += number(&reply[1]);
+        Ok(())
     }
 }
 

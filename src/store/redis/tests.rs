@@ -12,7 +12,7 @@ impl RedisStore {
     /// Recounts one site from its keys and compares with what the scripts keep: the totals, each
     /// device's bytes, the references of shared messages, the event index, the disconnected and
     /// connected indexes.
-    async fn audit(&self, site: &str) -> Result<(), String> {
+    pub(crate) async fn audit(&self, site: &str) -> Result<(), String> {
         let tag = self.tag(site);
         let mut conn = self.conn();
         let keys: Vec<String> = conn.keys(format!("{tag}:*")).await.map_err(|e| e.to_string())?;

@@ -86,3 +86,52 @@ pub(super) async fn loading_a_backup_twice_changes_nothing(from: &impl Store, in
     assert_eq!(second, Loaded { written: 2, skipped: first.written - 2 }, "only the two room lists are written again");
     assert_eq!(snapshot_of(into.export().await.unwrap()), bytes);
 }
+
+/// A snapshot loads into the Redis store too, with the same queues, rooms, flags and keys;
+/// its devices come in disconnected (no node holds their sockets), and a second load skips
+/// everything it already holds.
+#[tokio::test]
+async fn a_backup_loads_into_redis() {
+    let (from, into) = (MemoryStore::new(), redis_store().await);
+    let last = fill(&from).await;
+    let bytes = snapshot_of(from.export().await.unwrap());
+    let first = restored(&bytes, &into).await;
+    assert_eq!(first.skipped, 1, "the next id, with no site yet to raise");
+    into.audit("site").await.unwrap();
+    let (want, got) = (&from.stats().await.unwrap()["site"], &into.stats().await.unwrap()["site"]);
+    assert_eq!(
+        (got.devices, got.queued_messages, got.queued_bytes),
+        (want.devices, want.queued_messages, want.queued_bytes)
+    );
+    assert_eq!(got.connected, 0);
+    let (a, b, c) = (dev("user_1", "a"), dev("user_1", "b"), dev("user_2", "ü\n\"x"));
+    for device in [&a, &b, &c] {
+        assert_eq!(into.pending(device).await.unwrap(), from.pending(device).await.unwrap(), "{device:?}");
+        let (want, got) = (from.device(device).await.unwrap().unwrap(), into.device(device).await.unwrap().unwrap());
+        assert_eq!(
+            DeviceState { connected: false, disconnected_at: 0, ..got },
+            DeviceState { connected: false, disconnected_at: 0, ..want }
+        );
+        assert!(!got.connected && got.disconnected_at > 0);
+    }
+    assert_eq!(into.device(&b).await.unwrap().unwrap().disconnected_at, 1_000, "a disconnected device keeps its time");
+    let mut staff = into.users_in_room("site", "STAFF").await.unwrap();
+    staff.sort();
+    assert_eq!(staff, ["user_1", "user_2"]);
+
+    let second = restored(&bytes, &into).await;
+    let all = first.written + first.skipped;
+    assert_eq!(second, Loaded { written: 2, skipped: all - 2 }, "only the two room lists are written again");
+    into.audit("site").await.unwrap();
+
+    let idem = Idempotency { key: "k-1".into(), fingerprint: 7, expires_at: 10 * HOUR };
+    let again = into.enqueue("site", users(&["user_1"]), entry("[\"i\"]"), at(15), QueueLimits::default(), Some(idem));
+    assert_eq!(again.await.unwrap().replay, Some(Replay::Same));
+    assert!(send(&into, &["user_1"], "[\"n\"]", 16).await.id > last, "ids go on above the loaded ones");
+    let shared = into.pending(&a).await.unwrap()[0].id;
+    ack(&into, &a, &[shared]).await;
+    assert_eq!(entries(&into, &b).await[0], r#"["all",{"n":1}]"#);
+    assert!(into.connect(&a, &rooms(&["user_1"]), None).await.unwrap().resync);
+    assert!(into.connect(&c, &rooms(&["user_2"]), None).await.unwrap().resync, "the overflowed queue owes a resync");
+    into.audit("site").await.unwrap();
+}
