@@ -924,10 +924,8 @@ impl Store for RedisStore {
                     (key.site.to_string(), args)
                 }
                 Record::Message { device, message, shared } => {
-                    if message.id >= 1 << 53 {
-                        return Err(StoreError::Unsupported(
-                            "message ids from 2^53 up do not fit the Redis store; sio-push restore renumbers them",
-                        ));
+                    if message.id >= MAX_ID {
+                        return Err(ids_too_large());
                     }
                     let event = entry_event(&message.entry).unwrap_or_default();
                     let args = vec![
@@ -943,6 +941,9 @@ impl Store for RedisStore {
                     (device.site.to_string(), args)
                 }
                 Record::Ids { next } => {
+                    if next > MAX_ID {
+                        return Err(ids_too_large());
+                    }
                     next_id = next_id.max(Some(next));
                     continue;
                 }
@@ -980,6 +981,13 @@ impl Store for RedisStore {
     fn is_open(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+}
+
+/// Message ids stay below this: the scripts count in Lua numbers (doubles).
+const MAX_ID: MessageId = 1 << 53;
+
+fn ids_too_large() -> StoreError {
+    StoreError::Unsupported("message ids from 2^53 up do not fit the Redis store; sio-push restore renumbers them")
 }
 
 /// Records of one site for one run of the `load` script.

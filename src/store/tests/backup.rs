@@ -135,3 +135,19 @@ async fn a_backup_loads_into_redis() {
     assert!(into.connect(&c, &rooms(&["user_2"]), None).await.unwrap().resync, "the overflowed queue owes a resync");
     into.audit("site").await.unwrap();
 }
+
+/// Ids the Redis scripts cannot count exactly are refused before anything is written.
+#[tokio::test]
+async fn redis_refuses_ids_past_2_to_the_53() {
+    let store = redis_store().await;
+    let device = dev("user_1", "a");
+    let state = DeviceState { disconnected_at: 5, ..DeviceState::default() };
+    let big = Queued { id: 1 << 53, queued_at: 1, entry: entry(r#"["e",1]"#) };
+    let records = vec![
+        Record::Device { key: device.clone(), state },
+        Record::Message { device: device.clone(), message: big, shared: false },
+    ];
+    assert!(matches!(store.load(records).await, Err(StoreError::Unsupported(_))));
+    assert!(matches!(store.load(vec![Record::Ids { next: (1 << 53) + 1 }]).await, Err(StoreError::Unsupported(_))));
+    assert_eq!(store.device(&device).await.unwrap(), None, "nothing was written");
+}
