@@ -22,7 +22,7 @@ use crate::cli::{BackupArgs, RestoreArgs, VerifyArgs};
 use crate::config::{Config, StoreConfig};
 use crate::delivery::now_ms;
 use crate::snapshot::{self, Summary};
-use crate::store::{MessageId, Record, RedisStore, SledStore, Store, StoreError};
+use crate::store::{MessageId, Record, RedisStore, SiteStats, SledStore, Store, StoreError};
 
 /// Page cache of a store opened by a command.
 const CACHE_BYTES: u64 = 64 << 20;
@@ -222,13 +222,7 @@ async fn restore_into_redis(redis: &crate::config::RedisConfig, input: &Path) ->
         bail!("restore into Redis stopped part way ({e}): remove the keys {} and run it again", keys.join(" "));
     }
     let stats = stats?;
-    for (site, expected) in &summary.sites {
-        let got = stats.get(site).cloned().unwrap_or_default();
-        if (got.devices, got.queued_messages, got.queued_bytes) != (expected.devices, expected.messages, expected.bytes)
-        {
-            bail!("site {site}: the backup holds {expected:?}, Redis now {got:?}");
-        }
-    }
+    same_counts(&summary, &stats, "Redis now")?;
     Ok(Restored { summary, kept_aside: None })
 }
 
@@ -244,11 +238,16 @@ async fn load_into(dir: &Path, input: BufReader<File>, summary: &Summary) -> any
     loaded?;
     audited.map_err(|e| anyhow::anyhow!("the restored store does not check out: {e}"))?;
     let stats = stats?;
+    same_counts(summary, &stats, "the restored store")
+}
+
+/// Every site holds the devices, messages and bytes the snapshot counted.
+fn same_counts(summary: &Summary, stats: &BTreeMap<String, SiteStats>, holder: &str) -> anyhow::Result<()> {
     for (site, expected) in &summary.sites {
         let got = stats.get(site).cloned().unwrap_or_default();
         if (got.devices, got.queued_messages, got.queued_bytes) != (expected.devices, expected.messages, expected.bytes)
         {
-            bail!("site {site}: the backup holds {expected:?}, the restored store {got:?}");
+            bail!("site {site}: the backup holds {expected:?}, {holder} {got:?}");
         }
     }
     Ok(())
