@@ -49,6 +49,12 @@ enum Node {
     },
 }
 
+impl Node {
+    fn empty_file() -> Self {
+        Node::File { data: Vec::new(), durable: Vec::new(), dirty: BTreeSet::new() }
+    }
+}
+
 struct Inode {
     node: Node,
     perm: u16,
@@ -135,9 +141,13 @@ impl State {
         self.entries(dir)?.get(name).copied().ok_or(Errno::ENOENT)
     }
 
-    fn file(&mut self, ino: u64) -> Result<(&mut Vec<u8>, &mut BTreeSet<usize>), Errno> {
+    /// A file's contents and dirty pages; `write` says whether they are about to change (which
+    /// sets its modification time).
+    fn file(&mut self, ino: u64, write: bool) -> Result<(&mut Vec<u8>, &mut BTreeSet<usize>), Errno> {
         let inode = self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
-        inode.mtime = SystemTime::now();
+        if write {
+            inode.mtime = SystemTime::now();
+        }
         match &mut inode.node {
             Node::File { data, dirty, .. } => Ok((data, dirty)),
             Node::Dir { .. } => Err(Errno::EISDIR),
@@ -166,7 +176,7 @@ impl State {
 
     /// Sets a file's size, as `ftruncate` would.
     fn resize(&mut self, ino: u64, size: usize) -> Result<(), Errno> {
-        let (data, dirty) = self.file(ino)?;
+        let (data, dirty) = self.file(ino, true)?;
         // Every page from the shorter end on differs from what a sync would have kept.
         let from = data.len().min(size) / PAGE;
         dirty.extend(from..=data.len().max(size) / PAGE);
@@ -323,7 +333,7 @@ impl Filesystem for LossyFs {
             if mode & libc::S_IFMT != libc::S_IFREG {
                 return Err(Errno::EPERM);
             }
-            let file = Node::File { data: Vec::new(), durable: Vec::new(), dirty: BTreeSet::new() };
+            let file = Node::empty_file();
             s.add(req, parent.0, name, mode & !umask, file)
         });
         answer!(reply, result, |attr| reply.entry(&TTL, &attr, Generation(0)));
@@ -419,7 +429,7 @@ impl Filesystem for LossyFs {
             Ok(state) => state,
             Err(e) => return reply.error(e),
         };
-        match state.file(ino.0) {
+        match state.file(ino.0, false) {
             Ok((data, _)) => {
                 let start = (offset as usize).min(data.len());
                 let end = (start + size as usize).min(data.len());
@@ -452,7 +462,7 @@ impl Filesystem for LossyFs {
                     return Err(Errno::EIO);
                 }
             }
-            let (data, dirty) = s.file(ino.0)?;
+            let (data, dirty) = s.file(ino.0, true)?;
             let (start, end) = (offset as usize, offset as usize + bytes.len());
             if data.len() < end {
                 dirty.extend(data.len() / PAGE..=end / PAGE);
@@ -531,7 +541,7 @@ impl Filesystem for LossyFs {
                 s.attr(ino)
             }
             Err(_) => {
-                let file = Node::File { data: Vec::new(), durable: Vec::new(), dirty: BTreeSet::new() };
+                let file = Node::empty_file();
                 s.add(req, parent.0, name, mode & !umask, file)
             }
         });
@@ -557,7 +567,7 @@ impl Filesystem for LossyFs {
         let result = self.on().and_then(|mut s| match mode {
             0 => {
                 let end = (offset + length) as usize;
-                if s.file(ino.0)?.0.len() < end {
+                if s.file(ino.0, false)?.0.len() < end {
                     s.resize(ino.0, end)?;
                 }
                 Ok(())
